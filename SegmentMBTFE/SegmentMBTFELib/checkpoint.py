@@ -1,0 +1,89 @@
+"""Load nnU-Net checkpoints without ever running code from them.
+
+`torch.load(weights_only=True)` refuses every pickled global that is not on an allow-list. nnU-Net
+checkpoints hold, besides tensors, numpy scalars and dtypes (training logs, `_best_ema`); those, and
+nothing else, are allowed. A checkpoint that needs any other global (a class, `os.system`, ...) is
+refused with a message naming it, so a malicious file cannot execute code by being opened.
+"""
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ModelError
+
+
+def _numpy_globals():
+    """The numpy objects nnU-Net checkpoints pickle: scalars (under numpy 2 and numpy 1 names) and dtypes."""
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes through these classes
+    if dtypes is not None:
+        for name in ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
+                     "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType",
+                     "StrDType", "BytesDType"):
+            if hasattr(dtypes, name):
+                allowed.append(getattr(dtypes, name))
+    return allowed
+
+
+def load_checkpoint(path) -> dict:
+    """The checkpoint's dict, loaded as data only. Raises ModelError with one line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelError(f"Refusing to load {path}: it contains objects that are not plain data "
+                         f"({_offending_global(error)}); only weights and numbers are allowed.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise ModelError(f"Cannot read checkpoint {path}: the file is truncated or corrupt "
+                         f"({str(error).splitlines()[0][:120]}).") from None
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise ModelError(f"{path} is not an nnU-Net v2 checkpoint (no 'network_weights').")
+    checkpoint["network_weights"] = _plain_keys(checkpoint["network_weights"])
+    return checkpoint
+
+
+def _plain_keys(state_dict):
+    """Strip the DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes some trainings leave in keys."""
+    def plain(key):
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        return key
+    return {plain(k): v for k, v in state_dict.items()}
+
+
+def _offending_global(error) -> str:
+    """The global torch refused, from its long message ("Unsupported global: GLOBAL os.system ...")."""
+    for line in str(error).splitlines():
+        if "Unsupported global" in line:
+            return line.strip().split(": ", 1)[-1].split(" was not")[0][:120]
+        if "but got" in line:
+            return line.split("but got", 1)[1].strip()[:120]
+    return "unknown objects"
+
+
+def load_weights(network: torch.nn.Module, weights: dict, source) -> None:
+    """Load weights strictly; a mismatch names the missing and unexpected keys (the usual sign of a wrong trainer)."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = ([f"missing {len(missing)} keys: {few(missing)}"] if missing else []) + \
+                ([f"unexpected {len(unexpected)} keys: {few(unexpected)}"] if unexpected else [])
+        raise ModelError(f"The weights in {source} do not fit the network its plans describe: " + "; ".join(parts))
+    wrong = [k for k, v in weights.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(f"The weights in {source} do not fit the network its plans describe: {k} has shape "
+                         f"{tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}.")
+    network.load_state_dict(weights)

@@ -1,0 +1,235 @@
+"""A loaded model and its prediction: the one entry point the CLI, the Slicer module and fine-tuning share.
+
+    model = load_model("Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres", folds=None)
+    prediction = model.predict([volume], device="auto", tta=True, progress=print_progress)
+    prediction.labels  # a Volume in the input's geometry
+
+Prediction runs per fold: preprocess once, slide the window (on the GPU when there is one, falling back
+to CPU-held results and then the CPU on out-of-memory), average the folds' fp16 logits, export.
+"""
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint, load_weights
+from .devices import choose_device, device_plans, is_out_of_memory, release_memory
+from .errors import InputError, ModelError, OutOfMemory
+from .export import export
+from .modelfolder import ModelFolder
+from .networks import build_network, architecture_for_trainer
+from .postprocessing import apply_postprocessing
+from .preprocessing import preprocess, resampling_kwargs
+from .progress import Progress
+from .sliding_window import predict_logits
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    labels: Volume                                # label map in the input's geometry
+    segments: List[tuple]                         # (label value, name) of each foreground label
+    probabilities: Optional[np.ndarray] = None    # (classes or regions, z, y, x) float32, when asked for
+    settings: Dict[str, object] = field(default_factory=dict)   # what produced it (provenance)
+    messages: List[str] = field(default_factory=list)           # fallbacks taken, for the user
+
+
+class Model:
+    """An nnU-Net v2 (or MBTFE-UNet) model folder with its selected folds' weights loaded."""
+
+    def __init__(self, folder: ModelFolder, folds: Sequence = None, checkpoint: str = "final"):
+        self.folder = folder
+        self.checkpoint_name = checkpoint
+        available = folder.available_folds(checkpoint)
+        self.folds = [str(f) for f in folds] if folds else available
+        if not self.folds:
+            raise ModelError(f"No fold of {folder.path} has a {checkpoint} checkpoint.")
+        missing = [f for f in self.folds if f not in available]
+        if missing:
+            raise ModelError(f"Fold {', '.join(missing)} has no {checkpoint} checkpoint in {folder.path} "
+                             f"(available: {', '.join(available) or 'none'}).")
+        checkpoints = [load_checkpoint(folder.checkpoint_path(f, checkpoint)) for f in self.folds]
+        self.weights = [c["network_weights"] for c in checkpoints]
+        self.trainer_name = checkpoints[0].get("trainer_name") or folder.trainer_name or "nnUNetTrainer"
+        axes = checkpoints[0].get("inference_allowed_mirroring_axes")
+        self.mirror_axes = tuple(int(a) for a in axes) if axes is not None else None
+        self.network = self._build_network()
+
+    # -- what the model is -------------------------------------------------------------------------------
+    @property
+    def labels(self):
+        return self.folder.labels
+
+    @property
+    def configuration(self):
+        return self.folder.configuration
+
+    @property
+    def channel_names(self) -> List[str]:
+        return self.folder.channel_names
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def checksum(self) -> str:
+        """Short SHA-256 of the selected checkpoints' bytes: identifies the exact weights in provenance."""
+        digest = hashlib.sha256()
+        for fold in self.folds:
+            with open(self.folder.checkpoint_path(fold, self.checkpoint_name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
+
+    def _build_network(self) -> torch.nn.Module:
+        n_in = len(self.channel_names)
+        if self.configuration.previous_stage:
+            n_in += len(self.labels.foreground_labels)
+        architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture)
+        network = build_network(architecture, n_in, self.labels.num_heads)
+        source = self.folder.checkpoint_path(self.folds[0], self.checkpoint_name)
+        try:
+            load_weights(network, self.weights[0], source)
+        except ModelError as error:
+            raise ModelError(f"{error} (trainer {self.trainer_name})") from None
+        for fold, weights in zip(self.folds[1:], self.weights[1:]):
+            load_weights(network, weights, self.folder.checkpoint_path(fold, self.checkpoint_name))
+        return network.eval()
+
+    # -- prediction --------------------------------------------------------------------------------------
+    def predict(self, volumes: Sequence[Volume], device="auto", step_size=0.5, tta=True, probabilities=False,
+                postprocess=True, previous_stage: Optional[Volume] = None, progress=None, cancel=None) -> Prediction:
+        """Segment one case given as one Volume per model channel. Raises SegmentError subclasses only
+        for user-facing problems (InputError, OutOfMemory, Cancelled)."""
+        reporter = Progress(progress, cancel)
+        volumes = self._check_inputs(volumes)
+        if not 0 < step_size <= 1:
+            raise InputError(f"The tile step must be in (0, 1]; got {step_size}.")
+        if self.configuration.previous_stage and previous_stage is None:
+            raise InputError(f"The {self.configuration.name} configuration refines the "
+                             f"{self.configuration.previous_stage} prediction: give that prediction as previous stage.")
+        device = choose_device(device) if not isinstance(device, torch.device) else device
+        reporter.report(0.0, "preprocessing")
+        pre = preprocess([_as_3d(v.array) for v in volumes], _spacing_zyx(volumes[0]), self.configuration,
+                         self.folder.transpose_forward, self.folder.intensity_properties,
+                         previous_stage.array if previous_stage is not None else None, self.labels.foreground_labels)
+        messages: List[str] = []
+        logits = self._ensemble_logits(torch.from_numpy(pre.data), device, step_size, tta,
+                                       reporter.span(0.05, 0.95), messages)
+        reporter.report(0.95, "exporting")
+        labelmap, probs = export(logits, pre, self.labels, self.folder.transpose_backward,
+                                 resampling_kwargs(self.configuration, "probabilities"), probabilities)
+        recipe = self.folder.postprocessing() if postprocess else None
+        if recipe:
+            labelmap = apply_postprocessing(labelmap, recipe)
+        reporter.report(1.0, "done")
+        return Prediction(volumes[0].with_array(labelmap, name="segmentation"), self.labels.output_segments(), probs,
+                          self._settings(device, step_size, tta, bool(recipe)), messages)
+
+    def _ensemble_logits(self, data, device, step_size, tta, reporter, messages):
+        """Average of the folds' logits (fp16 sum, as nnU-Net), each fold with the out-of-memory fallbacks."""
+        total = None
+        for i, weights in enumerate(self.weights):
+            fold_reporter = reporter.span(i / len(self.weights), (i + 1) / len(self.weights))
+            self.network.load_state_dict(weights)
+            prefix = f"fold {self.folds[i]} ({i + 1}/{len(self.weights)}): " if len(self.weights) > 1 else ""
+            logits = self._logits_with_fallback(data, device, step_size, tta, fold_reporter, prefix, messages)
+            total = logits if total is None else total.add_(logits)
+        if len(self.weights) > 1:
+            total /= len(self.weights)
+        return total
+
+    def _logits_with_fallback(self, data, device, step_size, tta, reporter, prefix, messages):
+        plans = device_plans(device)
+        for attempt, plan in enumerate(plans):
+            if plan.message:
+                messages.append(plan.message)
+                log.warning(plan.message)
+                reporter.report(0.0, plan.message)
+            try:
+                network = self.network.to(plan.network)
+                with plan.autocast():
+                    return predict_logits(
+                        network, data, self.configuration.patch_size, self.labels.num_heads, step_size=step_size,
+                        mirror_axes=self.mirror_axes if tta else None, device=plan.network,
+                        results_device=plan.results, progress=_Prefixed(reporter, prefix)).cpu()
+            except (RuntimeError, MemoryError) as error:
+                if not (is_out_of_memory(error) or isinstance(error, MemoryError)) or attempt == len(plans) - 1:
+                    if is_out_of_memory(error) or isinstance(error, MemoryError):
+                        raise OutOfMemory("Out of memory even on the CPU: use fewer folds, turn TTA off, "
+                                          "or crop the image.") from None
+                    raise
+            finally:
+                release_memory(plan.network)
+        raise AssertionError("unreachable")
+
+    def _check_inputs(self, volumes: Sequence[Volume]) -> List[Volume]:
+        if isinstance(volumes, Volume):
+            volumes = [volumes]
+        names = self.channel_names
+        if len(volumes) != len(names):
+            raise InputError(f"This model needs {len(names)} input image(s) ({', '.join(names)}); "
+                             f"got {len(volumes)}.")
+        for v in volumes:
+            _check_content(v, self.configuration.is_2d)
+        for v in volumes[1:]:
+            if v.array.shape != volumes[0].array.shape:
+                raise InputError(f"The input channels differ in size: {volumes[0].array.shape} and {v.array.shape}.")
+        return list(volumes)
+
+    def _settings(self, device, step_size, tta, postprocessed) -> dict:
+        return {"model": self.name, "model_path": str(self.folder.path), "configuration": self.configuration.name,
+                "trainer": self.trainer_name, "folds": ",".join(self.folds), "checkpoint": self.checkpoint_name,
+                "checksum": self.checksum(), "tta": bool(tta and self.mirror_axes), "step_size": step_size,
+                "device": str(device), "postprocessing": postprocessed, "engine": f"SegmentMBTFE {__version__}"}
+
+
+class _Prefixed:
+    """Progress reporter that prefixes stage texts (e.g. with the fold)."""
+
+    def __init__(self, reporter: Progress, prefix: str):
+        self.reporter, self.prefix = reporter, prefix
+
+    def report(self, fraction, stage):
+        self.reporter.report(fraction, self.prefix + stage)
+
+
+def _check_content(volume: Volume, model_is_2d: bool):
+    a = volume.array
+    name = volume.name or "The image"
+    if a.size == 0:
+        raise InputError(f"{name} is empty (size {a.shape}).")
+    is_2d = a.ndim == 2 or volume.metadata.get("dimension") == "2"
+    if is_2d and not model_is_2d:
+        raise InputError(f"{name} is a 2D image but this model segments 3D volumes.")
+    if a.ndim not in (2, 3):
+        raise InputError(f"{name} has {a.ndim} dimensions; expected a 3D volume.")
+    if np.issubdtype(a.dtype, np.floating):
+        bad = np.count_nonzero(~np.isfinite(a))
+        if bad:
+            what = "only NaN or infinite values" if bad == a.size else f"{bad} NaN or infinite voxels"
+            raise InputError(f"{name} contains {what}; fix or mask them before segmenting.")
+    if a.min() == a.max():
+        raise InputError(f"{name} has no content: every voxel is {a.flat[0]}.")
+
+
+def _as_3d(array: np.ndarray) -> np.ndarray:
+    return array[None] if array.ndim == 2 else array
+
+
+def _spacing_zyx(volume: Volume):
+    """nnU-Net's (z, y, x) spacing; a 2D image gets a huge slice spacing as nnU-Net's reader gives it."""
+    if volume.array.ndim == 2 or volume.metadata.get("dimension") == "2":
+        return (999.0 * max(volume.spacing[:2]), volume.spacing[1], volume.spacing[0])
+    return tuple(volume.spacing[::-1])
+
+
+def load_model(path, configuration: str = None, folds: Sequence = None, checkpoint: str = "final") -> Model:
+    """Load an nnU-Net v2 model folder (trained configuration folder, or the dataset folder above it)."""
+    return Model(ModelFolder(path, configuration), folds, checkpoint)

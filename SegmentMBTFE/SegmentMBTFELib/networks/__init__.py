@@ -1,0 +1,77 @@
+"""Build the network a model folder describes, from plain data, without importing arbitrary classes.
+
+nnU-Net resolves class names in plans with `pydoc.locate`, which imports whatever a plans file names.
+We resolve names only against the allow-lists below, so a model folder cannot make us import code.
+"""
+from torch import nn
+
+from ..errors import ModelError
+from .unet import PlainConvUNet, ResidualEncoderUNet
+
+# Networks by class name (the last dotted part of `network_class_name`). Other modules add theirs
+# (MBTFE-UNet registers itself here), so the loader stays one table lookup.
+NETWORKS = {
+    "PlainConvUNet": PlainConvUNet,
+    "ResidualEncoderUNet": ResidualEncoderUNet,
+}
+
+# Layer classes plans may name in `_kw_requires_import` entries.
+LAYERS = {cls.__name__: cls for cls in (
+    nn.Conv2d, nn.Conv3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.LeakyReLU, nn.ReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU)}
+
+# Arguments of dynamic-network-architectures that change nothing we rebuild (or only their default).
+_IGNORED_DEFAULTS = {"block": "BasicBlockD", "bottleneck_channels": None}
+
+
+def short_name(dotted: str) -> str:
+    return str(dotted).rsplit(".", 1)[-1]
+
+
+def resolve_layer(dotted):
+    if dotted is None:
+        return None
+    cls = LAYERS.get(short_name(dotted))
+    if cls is None:
+        raise ModelError(f"The plans name a layer type this extension does not support: {dotted}")
+    return cls
+
+
+def build_network(architecture: dict, input_channels: int, num_classes: int, deep_supervision=False) -> nn.Module:
+    """Instantiate `architecture` ({network_class_name, arch_kwargs, _kw_requires_import}) with fresh weights."""
+    name = short_name(architecture["network_class_name"])
+    cls = NETWORKS.get(name)
+    if cls is None:
+        raise ModelError(f"Unsupported network '{architecture['network_class_name']}'. "
+                         f"Supported: {', '.join(sorted(NETWORKS))}.")
+    kwargs = dict(architecture["arch_kwargs"])
+    for key, default in _IGNORED_DEFAULTS.items():
+        value = kwargs.pop(key, default)
+        if value is not None and short_name(value) != default:
+            raise ModelError(f"Unsupported {key} '{value}' in the plans' architecture.")
+    for key in architecture.get("_kw_requires_import", ()):
+        if key in kwargs:
+            kwargs[key] = resolve_layer(kwargs[key])
+    try:
+        return cls(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision,
+                   **kwargs)
+    except TypeError as error:
+        raise ModelError(f"The plans' architecture does not fit {name}: {error}") from None
+
+
+def _with_batchnorm(architecture: dict) -> dict:
+    """nnUNetTrainerBN swaps instance norm for batch norm."""
+    kwargs = dict(architecture["arch_kwargs"])
+    dim = "2d" if str(kwargs.get("conv_op", "")).endswith("2d") else "3d"
+    kwargs["norm_op"] = f"torch.nn.BatchNorm{dim}"
+    return {**architecture, "arch_kwargs": kwargs}
+
+
+# Trainers whose network differs from the plans' architecture: trainer name -> architecture transform.
+# Any other trainer (nnUNetTrainer_250epochs, nnUNetTrainerNoMirroring, ...) builds the plans' network.
+TRAINERS = {"nnUNetTrainerBN": _with_batchnorm}
+
+
+def architecture_for_trainer(trainer_name: str, architecture: dict) -> dict:
+    transform = TRAINERS.get(trainer_name)
+    return transform(architecture) if transform else architecture

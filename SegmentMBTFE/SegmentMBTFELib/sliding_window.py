@@ -1,0 +1,119 @@
+"""Sliding-window prediction with Gaussian tile weighting and mirroring test-time augmentation.
+
+The tile grid, the Gaussian, the order of the mirrored passes and the fp16 accumulators are nnU-Net
+v2's (`nnunetv2/inference/sliding_window_prediction.py`, `predict_from_raw_data.py`), so the summed
+logits are the ones nnU-Net computes. We write the loop ourselves rather than using MONAI's inferer
+because nnU-Net's evenly spread steps and fp16 weight map differ from MONAI's and decide the result.
+"""
+import itertools
+from functools import lru_cache
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from .progress import Progress
+
+
+def tile_starts(image_size: Sequence[int], patch_size: Sequence[int], step_size: float) -> List[List[int]]:
+    """Evenly spaced tile starts per axis; neighbours overlap by at least 1 - step_size of a patch."""
+    starts = []
+    for size, patch in zip(image_size, patch_size):
+        n = int(np.ceil((size - patch) / (patch * step_size))) + 1
+        if n > 1:
+            starts.append([int(np.round((size - patch) / (n - 1) * i)) for i in range(n)])
+        else:
+            starts.append([0])
+    return starts
+
+
+def tiles(image_size: Sequence[int], patch_size: Sequence[int], step_size: float) -> List[tuple]:
+    """Index tuples (channel slice first) of every tile, in nnU-Net's order (last axis innermost).
+
+    A 2D model on a 3D volume visits every slice of the first axis with 2D tiles over the other two.
+    """
+    if len(patch_size) == len(image_size) - 1:
+        starts = tile_starts(image_size[1:], patch_size, step_size)
+        return [(slice(None), d, *(slice(s, s + p) for s, p in zip(corner, patch_size)))
+                for d in range(image_size[0]) for corner in itertools.product(*starts)]
+    starts = tile_starts(image_size, patch_size, step_size)
+    return [(slice(None), *(slice(s, s + p) for s, p in zip(corner, patch_size)))
+            for corner in itertools.product(*starts)]
+
+
+@lru_cache(maxsize=4)
+def _gaussian(patch_size: tuple) -> np.ndarray:
+    centre = np.zeros(patch_size)
+    centre[tuple(p // 2 for p in patch_size)] = 1
+    g = gaussian_filter(centre, [p / 8 for p in patch_size], 0, mode="constant", cval=0)
+    return g / (np.max(g) / 10)
+
+
+def gaussian_weights(patch_size: Sequence[int], device) -> torch.Tensor:
+    """nnU-Net's tile weight: a Gaussian with sigma patch/8, peak 10, in fp16, zeros lifted to the smallest value."""
+    g = torch.from_numpy(_gaussian(tuple(int(p) for p in patch_size))).to(device=device, dtype=torch.float16)
+    zero = g == 0
+    g[zero] = torch.min(g[~zero])
+    return g
+
+
+def pad_to_patch(data: torch.Tensor, patch_size: Sequence[int]):
+    """Zero-pad the trailing axes shorter than the patch, centred; returns (padded, slices that undo it)."""
+    spatial = data.shape[-len(patch_size):]
+    extra = [max(p - s, 0) for s, p in zip(spatial, patch_size)]
+    if not any(extra):
+        return data, (slice(None),) * data.ndim
+    pad = []
+    for e in reversed(extra):  # F.pad wants the last axis first
+        pad += [e // 2, e - e // 2]
+    padded = torch.nn.functional.pad(data, pad, mode="constant", value=0)
+    lead = data.ndim - len(patch_size)
+    undo = (slice(None),) * lead + tuple(slice(e // 2, e // 2 + s) for e, s in zip(extra, spatial))
+    return padded, undo
+
+
+def mirror_combinations(mirror_axes: Optional[Sequence[int]]) -> List[tuple]:
+    """Every non-empty combination of the (batch-shifted) mirror axes, in itertools order as nnU-Net."""
+    if not mirror_axes:
+        return []
+    axes = [a + 2 for a in mirror_axes]
+    return [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+
+def predict_tile(network, x: torch.Tensor, flips: List[tuple]) -> torch.Tensor:
+    """Logits of one tile averaged over the mirrored copies (summed in nnU-Net's order)."""
+    prediction = network(x)
+    for axes in flips:
+        prediction += torch.flip(network(torch.flip(x, axes)), axes)
+    if flips:
+        prediction /= len(flips) + 1
+    return prediction
+
+
+@torch.inference_mode()
+def predict_logits(network, data: torch.Tensor, patch_size, num_heads: int, *, step_size=0.5, mirror_axes=None,
+                   device=torch.device("cpu"), results_device=torch.device("cpu"),
+                   progress: Optional[Progress] = None) -> torch.Tensor:
+    """Sliding-window logits (fp16, on `results_device`) for preprocessed `data` (C, *spatial)."""
+    progress = progress or Progress()
+    padded, undo = pad_to_patch(data, patch_size)
+    padded = padded.to(results_device)
+    spatial = padded.shape[1:]
+    logits = torch.zeros((num_heads, *spatial), dtype=torch.half, device=results_device)
+    weights = torch.zeros(spatial, dtype=torch.half, device=results_device)
+    gaussian = gaussian_weights(patch_size, results_device)
+    flips = mirror_combinations(mirror_axes)
+    all_tiles = tiles(spatial, patch_size, step_size)
+    for i, tile in enumerate(all_tiles):
+        progress.report(i / len(all_tiles), f"tile {i + 1} of {len(all_tiles)}")
+        x = padded[tile][None].to(device, non_blocking=True)
+        prediction = predict_tile(network, x, flips)[0].to(results_device)
+        prediction *= gaussian
+        logits[tile] += prediction
+        weights[tile[1:]] += gaussian
+    progress.report(1.0, f"tile {len(all_tiles)} of {len(all_tiles)}")
+    torch.div(logits, weights, out=logits)
+    if torch.isinf(logits).any():
+        raise FloatingPointError("The summed logits overflowed fp16.")
+    return logits[undo]

@@ -1,0 +1,39 @@
+"""`Volume`: an image array with its physical geometry, the one currency between readers, engine and writers.
+
+Conventions follow SimpleITK (and so nnU-Net's SimpleITKIO): `array` is indexed (z, y, x) (ITK index order
+reversed, the same as Slicer's `arrayFromVolume` KJI array), while `spacing`, `origin` and `direction` are
+in ITK's (x, y, z) LPS order, with `direction` the 3x3 matrix flattened row by row.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+import numpy as np
+
+
+@dataclass
+class Volume:
+    array: np.ndarray
+    spacing: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    origin: Tuple[float, ...] = (0.0, 0.0, 0.0)
+    direction: Tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    name: str = ""
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = tuple(float(d) for d in self.direction)
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    def with_array(self, array: np.ndarray, name: str = None) -> "Volume":
+        """The same geometry holding another array (a label map, a probability)."""
+        return Volume(array, self.spacing, self.origin, self.direction, name if name is not None else self.name)
+
+    def same_geometry(self, other: "Volume", tolerance: float = 1e-4) -> bool:
+        return (self.array.shape == other.array.shape
+                and np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=tolerance)
+                and np.allclose(self.origin, other.origin, rtol=tolerance, atol=tolerance)
+                and np.allclose(self.direction, other.direction, atol=tolerance))
