@@ -25,7 +25,7 @@ from .networks import build_network, architecture_for_trainer
 from .postprocessing import apply_postprocessing
 from .preprocessing import preprocess, resampling_kwargs
 from .progress import Progress
-from .sliding_window import predict_logits
+from .sliding_window import network_batch_size, predict_logits
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class Model:
         return Prediction(volumes[0].with_array(labelmap, name="segmentation"), self.labels.output_segments(), probs,
                           self._settings(device, step_size, tta, bool(recipe)), messages)
 
+    @torch.inference_mode()
     def _ensemble_logits(self, data, device, step_size, tta, reporter, messages):
         """Average of the folds' logits (fp16 sum, as nnU-Net), each fold with the out-of-memory fallbacks."""
         total = None
@@ -154,11 +155,13 @@ class Model:
                 reporter.report(0.0, plan.message)
             try:
                 network = self.network.to(plan.network)
+                features = self.configuration.architecture["arch_kwargs"].get("features_per_stage", [32])
+                batch = network_batch_size(self.configuration.patch_size, _first(features), plan.network)
                 with plan.autocast():
                     return predict_logits(
                         network, data, self.configuration.patch_size, self.labels.num_heads, step_size=step_size,
                         mirror_axes=self.mirror_axes if tta else None, device=plan.network,
-                        results_device=plan.results, progress=_Prefixed(reporter, prefix)).cpu()
+                        results_device=plan.results, batch_size=batch, progress=_Prefixed(reporter, prefix)).cpu()
             except (RuntimeError, MemoryError) as error:
                 if not (is_out_of_memory(error) or isinstance(error, MemoryError)) or attempt == len(plans) - 1:
                     if is_out_of_memory(error) or isinstance(error, MemoryError):
@@ -217,6 +220,10 @@ def _check_content(volume: Volume, model_is_2d: bool):
             raise InputError(f"{name} contains {what}; fix or mask them before segmenting.")
     if a.min() == a.max():
         raise InputError(f"{name} has no content: every voxel is {a.flat[0]}.")
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _as_3d(array: np.ndarray) -> np.ndarray:

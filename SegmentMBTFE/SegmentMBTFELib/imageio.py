@@ -1,0 +1,409 @@
+"""Reading the images a user wants segmented, and writing images back, as `Volume`s.
+
+SimpleITK does the reading and writing: it is what nnU-Net's SimpleITKIO uses, so a model sees here
+exactly the array and geometry it saw in training (same z-y-x order, same LPS geometry, same pixel type,
+no reorientation). This module adds what SimpleITK leaves to the caller:
+
+- user-worded errors: every problem with the user's input is one `InputError` sentence, never a traceback;
+- a completeness check for NIfTI, because ITK's NIfTI reader silently zero-fills a truncated file
+  (NRRD and MetaImage readers do fail on one);
+- DICOM folders: the series with the most files is read (segmentation objects such as DICOM SEG are
+  skipped), series are told apart by their details too so that messy series with empty UIDs still read,
+  and slices stacked at one position (two series mixed together) are refused;
+- 2D images become one-slice volumes flagged `metadata["dimension"] == "2"` so the engine can refuse
+  them for 3D models; colour/vector and 4D images are refused;
+- atomic writes: the image goes to a temporary file beside the target and is renamed over it, so a
+  failure or a cancel never leaves a half-written output.
+"""
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, SegmentError
+from .volume import Volume
+
+# Longest first, so that ".nii.gz" wins over ".nii" and ".gz".
+SUPPORTED_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Header-plus-data pairs (.nhdr, .mhd) cannot be replaced atomically, so only single files are written.
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+_FORMAT_NAMES = {".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD",
+                 ".mha": "MetaImage", ".mhd": "MetaImage"}
+# DICOM objects that hold no image to segment (segmentations, structure sets, reports, ...).
+_NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"}
+_SUPPORTED_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def image_extension(path) -> Optional[str]:
+    """The supported extension `path` ends with (lower case), or None."""
+    name = Path(path).name.lower()
+    return next((ext for ext in SUPPORTED_EXTENSIONS if name.endswith(ext)), None)
+
+
+def is_dicom_folder(path) -> bool:
+    """True when `path` is a folder holding at least one DICOM series (files directly inside it)."""
+    path = Path(path)
+    return path.is_dir() and bool(_dicom_series_ids(path))
+
+
+def read_volume(path) -> Volume:
+    """Read an image file or a DICOM series folder; raises InputError with one sentence when it cannot."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Image not found: {path}.")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"Image {path} cannot be read: permission denied.")
+    if path.is_dir():
+        return _read_dicom_folder(path)
+    return _read_image_file(path)
+
+
+def read_channels(paths: Sequence) -> List[Volume]:
+    """Read one Volume per input channel; all channels must share one voxel grid."""
+    if not paths:
+        raise InputError("No input image was given.")
+    volumes = [read_volume(p) for p in paths]
+    for path, volume in zip(paths[1:], volumes[1:]):
+        difference = geometry_difference(volumes[0], volume)
+        if difference:
+            raise InputError(f"Channel images {Path(paths[0]).name} and {Path(path).name} do not share "
+                             f"one voxel grid ({difference}); resample them onto the same grid first.")
+    return volumes
+
+
+def geometry_difference(a: Volume, b: Volume, tolerance: float = 1e-4) -> str:
+    """'' when a and b share one grid (as Volume.same_geometry judges), else what differs, in words."""
+    if a.same_geometry(b, tolerance):
+        return ""
+    if a.shape != b.shape:
+        return f"size {_size_text(a)} vs {_size_text(b)}"
+    for what in ("spacing", "origin"):
+        if not np.allclose(getattr(a, what), getattr(b, what), rtol=tolerance, atol=tolerance):
+            return f"{what} {_vector_text(getattr(a, what))} vs {_vector_text(getattr(b, what))}"
+    return "different orientation"
+
+
+def _read_image_file(path: Path) -> Volume:
+    extension = image_extension(path)
+    if extension is None:
+        raise InputError(_unsupported_message(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(_unreadable_message(path, extension)) from error
+    _check_pixels_are_scalar(reader.GetNumberOfComponents(), path.name)
+    if extension in (".nii", ".nii.gz"):
+        _check_nifti_complete(path, reader)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(_unreadable_message(path, extension)) from error
+    image = _as_3d(image, path.name)
+    return image_to_volume(image, name=_name_without_extension(path), metadata={
+        "source": str(path), "format": _FORMAT_NAMES[extension]})
+
+
+def _unsupported_message(path: Path) -> str:
+    if path.name.lower().endswith((".dcm", ".ima")) or _looks_like_dicom(path):
+        return (f"{path.name} is a single DICOM file; give the folder that holds its series instead.")
+    return f"{path.name} is not a supported image; give a {_SUPPORTED_TEXT}."
+
+
+def _unreadable_message(path: Path, extension: str) -> str:
+    return (f"{path.name} could not be read as a {_FORMAT_NAMES[extension]} image: "
+            "it is damaged, truncated or not an image.")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_pixels_are_scalar(components: int, what: str):
+    if components != 1:
+        raise InputError(f"{what} has {components} values per voxel (a colour or vector image); "
+                         "give each channel as its own single-valued image.")
+
+
+def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader):
+    if not _nifti_is_complete(path, reader):
+        raise InputError(f"{path.name} is truncated or damaged: it holds less voxel data than its header "
+                         "describes.")
+
+
+def _nifti_is_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
+    """Whether a NIfTI file holds all the voxel data its header describes.
+
+    ITK's NIfTI reader fills the missing part of a truncated file with zeros and reports success, and
+    its writer reports success after a short write (disk full): both need this check.
+    """
+    expected = _nifti_expected_bytes(reader)
+    if expected is None:
+        return True
+    if path.name.lower().endswith(".gz"):
+        return _gzip_holds_at_least(path, expected)
+    return path.stat().st_size >= expected
+
+
+def _nifti_expected_bytes(reader: sitk.ImageFileReader) -> Optional[int]:
+    try:
+        dimensions = int(reader.GetMetaData("dim[0]"))
+        voxels = int(np.prod([int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, dimensions + 1)]))
+        return int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+    except (RuntimeError, ValueError):
+        return None  # a header ITK reads without these keys: nothing to check against
+
+
+def _gzip_holds_at_least(path: Path, expected: int) -> bool:
+    """True when the gzip file decompresses to at least `expected` bytes without error.
+
+    Fast path: a complete single-member gzip file ends with its uncompressed size modulo 2**32, which a
+    truncated file matches only by a 1-in-4-billion chance. Anything else is decompressed in full.
+    """
+    with open(path, "rb") as file:
+        file.seek(max(path.stat().st_size - 4, 0))
+        if int.from_bytes(file.read(4), "little") == expected % 2 ** 32:
+            return True
+    import gzip
+    import zlib
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return total >= expected
+
+
+def _as_3d(image: sitk.Image, what: str) -> sitk.Image:
+    """A 3D image; 2D becomes one slice, 4D with a single time point its 3D volume, anything else refused."""
+    dimension = image.GetDimension()
+    if dimension == 4 and image.GetSize()[3] == 1:
+        return image[:, :, :, 0]
+    if dimension == 4:
+        raise InputError(f"{what} is a 4D image with {image.GetSize()[3]} volumes; give each channel as "
+                         "its own 3D image.")
+    if dimension == 2:
+        return sitk.JoinSeries(image)  # spacing 1.0, origin 0 and identity along the new z axis
+    if dimension != 3:
+        raise InputError(f"{what} is a {dimension}D image; only 2D and 3D images can be segmented.")
+    return image
+
+
+def image_to_volume(image: sitk.Image, name: str = "", metadata: dict = None) -> Volume:
+    """A Volume holding a copy of a 3D SimpleITK image's voxels and its geometry."""
+    array = sitk.GetArrayFromImage(image)
+    metadata = dict(metadata or {})
+    metadata["dimension"] = "2" if array.shape[0] == 1 else "3"
+    metadata["pixel_type"] = str(array.dtype)
+    return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), name, metadata)
+
+
+def _name_without_extension(path: Path) -> str:
+    extension = image_extension(path) or path.suffix
+    return path.name[: len(path.name) - len(extension)]
+
+
+def _size_text(volume: Volume) -> str:
+    return "x".join(str(n) for n in reversed(volume.shape))
+
+
+def _vector_text(values) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+# ------------------------------------------------------------------------------------------------- DICOM
+
+def _dicom_series_ids(folder: Path):
+    # Series details (series number, slice thickness, rows, columns, ...) split apart series whose
+    # Series Instance UIDs are empty or shared, which anonymised or messy exports produce.
+    # ITK prints a warning for a folder without DICOM; the caller words that case for the user.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder), True)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _read_dicom_folder(folder: Path) -> Volume:
+    series = [_series_files(folder, series_id) for series_id in _dicom_series_ids(folder)]
+    images = [files for files in series if _holds_image(files[0])]
+    if not images:
+        raise InputError(_no_series_message(folder, bool(series)))
+    files = max(images, key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"The DICOM series in {folder.name} could not be read: a file is damaged or "
+                         "uses an unsupported encoding.") from error
+    _check_pixels_are_scalar(image.GetNumberOfComponentsPerPixel(), f"The DICOM series in {folder.name}")
+    metadata = {"source": str(folder), "format": "DICOM"}
+    metadata.update(_series_metadata(reader, files, len(images)))
+    metadata.update(_slice_spacing_check(reader, image, folder))
+    return image_to_volume(_as_3d(image, f"The DICOM series in {folder.name}"), folder.name, metadata)
+
+
+def _series_files(folder: Path, series_id: str) -> List[str]:
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id, True))
+
+
+def _no_series_message(folder: Path, only_non_images: bool) -> str:
+    if only_non_images:
+        return (f"Folder {folder} holds only DICOM objects without an image (segmentations, structure "
+                "sets or reports); give the folder of the image series.")
+    if any(image_extension(p) for p in folder.iterdir() if p.is_file()):
+        return f"Folder {folder} holds no DICOM series; give the image file itself, not its folder."
+    return f"Folder {folder} holds no DICOM series (sub-folders are not searched)."
+
+
+def _file_tags(file: str, *tags: str) -> List[str]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return [""] * len(tags)
+    return [reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "" for t in tags]
+
+
+def _holds_image(file: str) -> bool:
+    modality, = _file_tags(file, "0008|0060")
+    return modality.upper() not in _NON_IMAGE_MODALITIES
+
+
+def _series_metadata(reader: sitk.ImageSeriesReader, files: List[str], series_count: int) -> dict:
+    def tag(key):
+        return reader.GetMetaData(0, key).strip() if reader.HasMetaDataKey(0, key) else ""
+    metadata = {"dicom_series_uid": tag("0020|000e"), "dicom_series_description": tag("0008|103e"),
+                "dicom_modality": tag("0008|0060"), "dicom_files": str(len(files)),
+                "dicom_series_count": str(series_count)}
+    if series_count > 1:
+        metadata["note"] = (f"The folder holds {series_count} image series; read the one with the most "
+                            f"files ({len(files)}, '{metadata['dicom_series_description']}', "
+                            f"UID {metadata['dicom_series_uid'] or 'empty'}).")
+    return metadata
+
+
+def _slice_spacing_check(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path) -> dict:
+    """Refuse slices stacked at one position or out of order; warn (in metadata) when gaps are uneven."""
+    positions = [_slice_position(reader, i) for i in range(len(reader.GetFileNames()))]
+    if len(positions) < 2 or any(p is None for p in positions):
+        return {}
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    along = np.array(positions) @ normal
+    # GDCM leaves files unsorted (in name order) when two share a position, so look at sorted positions.
+    if np.min(np.diff(np.sort(along))) < 1e-3:
+        raise InputError(f"The DICOM series in {folder.name} has several slices at the same position; "
+                         "the folder probably mixes series, put each series in its own folder.")
+    gaps = np.diff(along)
+    if not (np.all(gaps > 0) or np.all(gaps < 0)):
+        raise InputError(f"The slices of the DICOM series in {folder.name} could not be put in order.")
+    if np.ptp(gaps) > max(0.01 * np.median(np.abs(gaps)), 1e-3):
+        return {"warning": f"Slice spacing varies from {np.min(np.abs(gaps)):.4g} to "
+                           f"{np.max(np.abs(gaps)):.4g} mm (missing slices?); the volume assumes "
+                           f"{image.GetSpacing()[2]:.4g} mm."}
+    return {}
+
+
+def _slice_position(reader: sitk.ImageSeriesReader, index: int):
+    if not reader.HasMetaDataKey(index, "0020|0032"):
+        return None
+    try:
+        return [float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")]
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def volume_to_image(volume: Volume) -> sitk.Image:
+    """A SimpleITK image of a Volume's (z, y, x) array with its exact geometry."""
+    array = np.asarray(volume.array)
+    if array.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) array, got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif array.dtype == np.float16:
+        array = array.astype(np.float32)
+    image = sitk.GetImageFromArray(array, isVector=False)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction)
+    return image
+
+
+def write_volume(volume: Volume, path, compress: bool = True) -> Path:
+    """Write a Volume as NIfTI, NRRD or MetaImage (.mha) by the path's extension, atomically."""
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_EXTENSIONS):
+        raise InputError(f"Cannot write {path.name}: give a .nii.gz, .nii, .nrrd or .mha file name.")
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if nifti and not _is_orthonormal(volume.direction):
+        raise SegmentError(f"Cannot write {path.name}: NIfTI cannot store this sheared orientation; "
+                           "write .nrrd or .mha instead.")
+    image = volume_to_image(volume)
+    with atomic_output(path) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=compress)
+        if nifti:
+            _check_nifti_written(temporary, path)
+    return path
+
+
+def _is_orthonormal(direction, tolerance: float = 1e-4) -> bool:
+    matrix = np.array(direction).reshape(3, 3)
+    return np.allclose(matrix @ matrix.T, np.eye(3), atol=tolerance)
+
+
+def _check_nifti_written(temporary: Path, path: Path):
+    """ITK's NIfTI writer only prints a message when the disk is full; check the file is whole."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(temporary))
+    reader.ReadImageInformation()
+    if not _nifti_is_complete(temporary, reader):
+        raise SegmentError(f"Could not write {path}: the disk is full or the file could not be completed.")
+
+
+@contextmanager
+def atomic_output(path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` with the same extension; on success rename it over `path`.
+
+    On any failure, or a cancel (KeyboardInterrupt, Cancelled), the temporary file is removed and
+    `path` is left as it was. The parent folder is created when missing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SegmentError(f"Cannot write {path}: it is a folder.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SegmentError(f"Cannot create the output folder {path.parent}: {error.strerror}.") from error
+    extension = image_extension(path) or path.suffix
+    stem = path.name[: len(path.name) - len(extension)]
+    temporary = path.with_name(f".{stem}.{uuid.uuid4().hex[:8]}.partial{extension}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except RuntimeError as error:  # SimpleITK's writers: disk full, permission denied, ...
+        raise SegmentError(f"Could not write {path}: the folder is not writable or the disk is full.") from error
+    except OSError as error:
+        raise SegmentError(f"Could not write {path}: {error.strerror}.") from error
+    finally:
+        if temporary.exists():
+            temporary.unlink()
