@@ -8,4 +8,14 @@ __version__ = "0.1.0"
 
 from .errors import Cancelled, InputError, ModelError, OutOfMemory, SegmentError  # noqa: E402
 from .volume import Volume  # noqa: E402
-from .model import Model, Prediction, load_model  # noqa: E402
+
+# torch is imported on first use of these, so `segment-mbtfe models info` and image IO start quickly.
+_LAZY = {"Model": "model", "Prediction": "model", "load_model": "model", "read_volume": "imageio",
+         "read_channels": "imageio"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

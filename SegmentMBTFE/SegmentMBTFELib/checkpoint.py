@@ -6,7 +6,6 @@ nothing else, are allowed. A checkpoint that needs any other global (a class, `o
 refused with a message naming it, so a malicious file cannot execute code by being opened.
 """
 import pickle
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +38,18 @@ def load_checkpoint(path) -> dict:
         with torch.serialization.safe_globals(_numpy_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        refused = _offending_global(error)
+        if refused is None:  # not a refused global but bytes the unpickler cannot parse: damage
+            raise ModelError(f"Cannot read checkpoint {path}: the file is truncated or corrupt "
+                             f"(unreadable pickle data).") from None
         raise ModelError(f"Refusing to load {path}: it contains objects that are not plain data "
-                         f"({_offending_global(error)}); only weights and numbers are allowed.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+                         f"({refused}); only weights and numbers are allowed.") from None
+    except Exception as error:  # noqa: BLE001 - damaged bytes make torch.load raise almost anything
+        # (RuntimeError and zip errors for a cut zip, EOFError, IndexError or KeyError from garbage
+        # read as a legacy pickle, ...): every one of them means the file cannot be used.
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
         raise ModelError(f"Cannot read checkpoint {path}: the file is truncated or corrupt "
-                         f"({str(error).splitlines()[0][:120]}).") from None
+                         f"({type(error).__name__}: {reason}).") from None
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ModelError(f"{path} is not an nnU-Net v2 checkpoint (no 'network_weights').")
     checkpoint["network_weights"] = _plain_keys(checkpoint["network_weights"])
@@ -60,14 +66,19 @@ def _plain_keys(state_dict):
     return {plain(k): v for k, v in state_dict.items()}
 
 
-def _offending_global(error) -> str:
-    """The global torch refused, from its long message ("Unsupported global: GLOBAL os.system ...")."""
+def _offending_global(error):
+    """The global torch refused, from its long message, or None when the error is not a refusal.
+
+    torch words refusals as "Unsupported global: GLOBAL __main__.Evil was not an allowed global ..." and,
+    for blocked modules, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked";
+    garbage bytes give other messages ("Unsupported operand 39", ...).
+    """
     for line in str(error).splitlines():
-        if "Unsupported global" in line:
-            return line.strip().split(": ", 1)[-1].split(" was not")[0][:120]
+        if "GLOBAL " in line:
+            return (line.split("GLOBAL ", 1)[1].split() or ["a global"])[0][:120]
         if "but got" in line:
             return line.split("but got", 1)[1].strip()[:120]
-    return "unknown objects"
+    return None
 
 
 def load_weights(network: torch.nn.Module, weights: dict, source) -> None:

@@ -31,7 +31,13 @@ def write_prediction(prediction, path) -> List[Path]:
     else:
         written = [write_volume(prediction.labels, path)]
     if prediction.probabilities is not None:
-        written.append(write_probabilities(prediction.probabilities, probabilities_path(path)))
+        try:
+            written.append(write_probabilities(prediction.probabilities, probabilities_path(path)))
+        except BaseException:
+            # A failed run leaves no output: take back the label map written a moment ago.
+            for done in written:
+                done.unlink(missing_ok=True)
+            raise
     return written
 
 

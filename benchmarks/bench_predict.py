@@ -1,0 +1,91 @@
+"""Speed of `segment-mbtfe predict` against nnU-Net's own nnUNetPredictor, side by side in one run.
+
+Both tools segment the same image with the same nnU-Net-made model folder, folds, TTA setting and device
+(CPU), as fresh processes (what a user waits for: start-up, reading, prediction, export, writing),
+alternating ours and nnU-Net's, `--repeats` times each. Prints median times, the ratio ours / nnU-Net,
+nnU-Net's in-process prediction time, and the label agreement of the two outputs.
+
+    .venv/bin/python benchmarks/bench_predict.py                # all cases, 3 repeats
+    .venv/bin/python benchmarks/bench_predict.py --cases hippo_tta --repeats 5
+
+Needs the test environment (scripts/setup-venv.sh --test) for nnunetv2 and ../shared/data.
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "Testing"))
+import nnunet_reference as ref  # noqa: E402
+
+DATA = ref.DEFAULT_DATA_DIR
+# name: (model kind, image source, TTA, what it shows)
+CASES = {
+    "hippo_tta": ("hippo3d", "hippocampus", True, "small 3-class model, 1 fold, mirroring TTA"),
+    "hippo_2folds": ("hippo3d_2folds", "hippocampus", True, "2-fold ensemble with TTA"),
+    "ct_export": ("ct_aniso", "ct", False, "5-class anisotropic CT, separate-z resampling, export-heavy"),
+    "ct_tta": ("ct_aniso", "ct", True, "5-class anisotropic CT with TTA"),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", default=str(REPO / "benchmarks" / "results"), help="models and outputs")
+    args = parser.parse_args()
+    work = Path(args.work)
+    rows = [run_case(name, work, args.repeats) for name in args.cases.split(",")]
+    print_table(rows)
+
+
+def image_for(source: str, work: Path) -> Path:
+    if source == "hippocampus":  # the last case: not among the six the model was trained on
+        case = ref.hippocampus_case_ids(DATA)[-1]
+        return DATA / "hippocampus" / "train" / "images" / f"{case}.nii.gz"
+    target = work / "inputs" / "ct_dicom.nii.gz"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ref.dicom_series_to_file(DATA / "formats" / "totalsegmentator" / "example_ct_dicom", target)
+    return target
+
+
+def run_case(name: str, work: Path, repeats: int) -> dict:
+    kind, source, tta, what = CASES[name]
+    model = ref.make_model_folder(work / "models", kind=kind)
+    folds = list(ref.KINDS[kind].folds)
+    image = image_for(source, work)
+    out = work / "outputs" / name
+    ours_cmd = [str(REPO / ".venv" / "bin" / "segment-mbtfe"), "predict", "-m", str(model), "-i", str(image),
+                "-o", str(out / "ours.nii.gz"), "--device", "cpu", "-q", "--folds", *map(str, folds)]
+    if not tta:
+        ours_cmd.append("--no-tta")
+    ours, theirs, theirs_inside = [], [], []
+    for i in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(ours_cmd, check=True, capture_output=True)
+        ours.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        [reference] = ref.predict_with_nnunet(model, [[image]], out / "nnunet", folds=folds, tta=tta)
+        theirs.append(time.perf_counter() - started)
+        theirs_inside.append(ref.read_timing(out / "nnunet")["predict_s"])
+        print(f"{name} run {i + 1}/{repeats}: ours {ours[-1]:.1f} s, nnU-Net {theirs[-1]:.1f} s", flush=True)
+    return {"case": name, "what": what, "ours": statistics.median(ours), "nnunet": statistics.median(theirs),
+            "nnunet_inside": statistics.median(theirs_inside),
+            "agreement": ref.agreement(out / "ours.nii.gz", reference)}
+
+
+def print_table(rows):
+    print(f"\n{'case':<14}{'ours s':>9}{'nnU-Net s':>11}{'ratio':>8}{'nnU-Net in-process s':>22}{'agreement':>11}  what")
+    for r in rows:
+        print(f"{r['case']:<14}{r['ours']:>9.2f}{r['nnunet']:>11.2f}{r['ours'] / r['nnunet']:>8.3f}"
+              f"{r['nnunet_inside']:>22.2f}{r['agreement']:>11.6f}  {r['what']}")
+    print("ratio = median wall time of `segment-mbtfe predict` / median wall time of nnUNetPredictor, both as "
+          "fresh processes on the CPU.")
+
+
+if __name__ == "__main__":
+    main()
