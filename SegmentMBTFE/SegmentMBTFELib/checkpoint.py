@@ -5,6 +5,7 @@ checkpoints hold, besides tensors, numpy scalars and dtypes (training logs, `_be
 nothing else, are allowed. A checkpoint that needs any other global (a class, `os.system`, ...) is
 refused with a message naming it, so a malicious file cannot execute code by being opened.
 """
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise ModelError(f"Checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with _allowed(_numpy_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         refused = _offending_global(error)
@@ -54,6 +55,16 @@ def load_checkpoint(path) -> dict:
         raise ModelError(f"{path} is not an nnU-Net v2 checkpoint (no 'network_weights').")
     checkpoint["network_weights"] = _plain_keys(checkpoint["network_weights"])
     return checkpoint
+
+
+def _allowed(globals_):
+    """torch >= 2.5 scopes the allow-list to this load; torch 2.4 can only extend it for the process."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(globals_)
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(globals_)
+        return contextlib.nullcontext()
+    raise ModelError(f"torch {torch.__version__} cannot load checkpoints safely; torch 2.4 or newer is needed.")
 
 
 def _plain_keys(state_dict):

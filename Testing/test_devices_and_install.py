@@ -1,0 +1,109 @@
+"""GPU out-of-memory fallbacks, and an install that leaves the user's torch alone.
+
+No GPU exists on the machines these tests run on, so the out-of-memory tests use the one stand-in that
+cannot be avoided: a network that raises torch's own CUDA out-of-memory error on its first calls, under
+device plans that keep everything on the CPU. Everything else (the model folder, preprocessing, sliding
+window, export) is the real engine.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import model_factory
+from SegmentMBTFELib import OutOfMemory, load_model
+from SegmentMBTFELib import model as model_module
+from SegmentMBTFELib.devices import DevicePlan
+from SegmentMBTFELib.volume import Volume
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """Wraps a network; its first `failures` calls raise CUDA's out-of-memory error, as a full GPU does."""
+
+    def __init__(self, network, failures):
+        super().__init__()
+        self.network, self.failures = network, failures
+
+    def forward(self, x):
+        if self.failures > 0:
+            self.failures -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.network(x)
+
+    def load_state_dict(self, state_dict, strict=True):
+        return self.network.load_state_dict(state_dict, strict)
+
+
+@pytest.fixture
+def model_and_case(tmp_path):
+    folder = model_factory.make_model_folder(tmp_path)
+    rng = np.random.default_rng(0)
+    case = Volume(rng.normal(100, 20, (20, 24, 20)).astype(np.float32), spacing=(1, 1, 1))
+    return load_model(folder), case
+
+
+def three_plans(device):
+    cpu = torch.device("cpu")
+    return [DevicePlan(cpu, cpu), DevicePlan(cpu, cpu, "results on the CPU"), DevicePlan(cpu, cpu, "all on CPU")]
+
+
+def test_out_of_memory_retries_with_the_next_plan(model_and_case, monkeypatch):
+    model, case = model_and_case
+    expected = model.predict([case], device="cpu", tta=False).labels.array
+    monkeypatch.setattr(model_module, "device_plans", three_plans)
+    model.network = RunsOutOfMemory(model.network, failures=1)
+    prediction = model.predict([case], device="cpu", tta=False)
+    assert prediction.messages == ["results on the CPU"]
+    np.testing.assert_array_equal(prediction.labels.array, expected)
+
+
+def test_out_of_memory_on_every_plan_is_one_clear_error(model_and_case, monkeypatch):
+    model, case = model_and_case
+    monkeypatch.setattr(model_module, "device_plans", three_plans)
+    model.network = RunsOutOfMemory(model.network, failures=100)
+    with pytest.raises(OutOfMemory, match="Out of memory"):
+        model.predict([case], device="cpu", tta=False)
+
+
+def test_other_runtime_errors_are_not_mistaken_for_memory(model_and_case, monkeypatch):
+    model, case = model_and_case
+    monkeypatch.setattr(model_module, "device_plans", three_plans)
+
+    class Broken(RunsOutOfMemory):
+        def forward(self, x):
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")
+    model.network = Broken(model.network, failures=0)
+    with pytest.raises(RuntimeError, match="CUDNN_STATUS_INTERNAL_ERROR"):
+        model.predict([case], device="cpu", tta=False)
+
+
+def test_network_goes_back_to_the_cpu_after_a_run(model_and_case):
+    model, case = model_and_case
+    model.predict([case], device="cpu", tta=False)
+    assert all(p.device.type == "cpu" for p in model.network.parameters())
+
+
+def test_torch_is_a_plain_requirement():
+    """A version range on torch would let pip replace the torch a user (or Slicer's PyTorch extension) has."""
+    import tomllib
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch" in dependencies
+
+
+def test_installing_keeps_the_installed_torch(tmp_path):
+    """pip's own resolver, asked to install the package here, installs nothing of torch's."""
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report",
+                             str(report), str(REPO)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "No matching distribution" in result.stderr:
+        pytest.skip("no package index reachable for the build backend")
+    assert result.returncode == 0, result.stderr[-2000:]
+    installs = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert "segmentmbtfe" in installs
+    assert not installs & {"torch", "nvidia-cudnn-cu12", "nvidia-cublas-cu12"}, installs
