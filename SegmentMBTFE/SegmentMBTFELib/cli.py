@@ -2,6 +2,7 @@
 
     segment-mbtfe predict -m MODEL -i IMAGE [IMAGE ...] -o OUTPUT.nii.gz|.nrrd|.seg.nrrd|.mha
     segment-mbtfe models info MODEL
+    segment-mbtfe nnunet-trainer register     (lets nnUNetv2_train use -tr nnUNetTrainerMBTFE)
 
 User mistakes end with one line on stderr and a non-zero exit, never a traceback (unless --debug), and
 never a partial output file: outputs are written only after prediction succeeded, atomically.
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("model")
     info.add_argument("-c", "--configuration")
     info.set_defaults(run=_info)
+
+    from .nnunet_trainer.commands import add_parser as add_trainer_commands
+    add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
     return parser
 
 

@@ -59,7 +59,7 @@ class Model:
         self.trainer_name = checkpoints[0].get("trainer_name") or folder.trainer_name or "nnUNetTrainer"
         axes = checkpoints[0].get("inference_allowed_mirroring_axes")
         self.mirror_axes = tuple(int(a) for a in axes) if axes is not None else None
-        self.network = self._build_network()
+        self.network = self._build_network(checkpoints[0])
 
     # -- what the model is -------------------------------------------------------------------------------
     @property
@@ -87,11 +87,12 @@ class Model:
                     digest.update(block)
         return digest.hexdigest()[:16]
 
-    def _build_network(self) -> torch.nn.Module:
+    def _build_network(self, checkpoint: dict) -> torch.nn.Module:
         n_in = len(self.channel_names)
         if self.configuration.previous_stage:
             n_in += len(self.labels.foreground_labels)
-        architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture)
+        # the checkpoint can name its own network options (MBTFE-UNet's norm, gate, EAB on/off)
+        architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture, checkpoint)
         network = build_network(architecture, n_in, self.labels.num_heads)
         source = self.folder.checkpoint_path(self.folds[0], self.checkpoint_name)
         try:
@@ -120,14 +121,21 @@ class Model:
                          self.folder.transpose_forward, self.folder.intensity_properties,
                          previous_stage.array if previous_stage is not None else None, self.labels.foreground_labels)
         messages: List[str] = []
-        logits = self._ensemble_logits(torch.from_numpy(pre.data), device, step_size, tta,
-                                       reporter.span(0.05, 0.95), messages)
+        try:
+            logits = self._ensemble_logits(torch.from_numpy(pre.data), device, step_size, tta,
+                                           reporter.span(0.05, 0.95), messages)
+        finally:  # give the GPU memory back: Slicer and other programs share it
+            self.network.to("cpu")
+            release_memory(device)
         reporter.report(0.95, "exporting")
         labelmap, probs = export(logits, pre, self.labels, self.folder.transpose_backward,
                                  resampling_kwargs(self.configuration, "probabilities"), probabilities)
         recipe = self.folder.postprocessing() if postprocess else None
         if recipe:
             labelmap = apply_postprocessing(labelmap, recipe)
+        if volumes[0].array.ndim == 2:  # a plain 2D array in, a 2D label map out
+            labelmap = labelmap[0]
+            probs = probs[:, 0] if probs is not None else None
         reporter.report(1.0, "done")
         return Prediction(volumes[0].with_array(labelmap, name="segmentation"), self.labels.output_segments(), probs,
                           self._settings(device, step_size, tta, bool(recipe)), messages)

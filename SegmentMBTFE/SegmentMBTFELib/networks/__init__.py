@@ -3,9 +3,12 @@
 nnU-Net resolves class names in plans with `pydoc.locate`, which imports whatever a plans file names.
 We resolve names only against the allow-lists below, so a model folder cannot make us import code.
 """
+from functools import partial
+
 from torch import nn
 
 from ..errors import ModelError
+from .mbtfe import MBTFEUNet, TRAINER_OPTIONS, checkpoint_architecture, is_mbtfe_checkpoint
 from .unet import PlainConvUNet, ResidualEncoderUNet
 
 # Networks by class name (the last dotted part of `network_class_name`). Other modules add theirs
@@ -13,6 +16,7 @@ from .unet import PlainConvUNet, ResidualEncoderUNet
 NETWORKS = {
     "PlainConvUNet": PlainConvUNet,
     "ResidualEncoderUNet": ResidualEncoderUNet,
+    "MBTFEUNet": MBTFEUNet,
 }
 
 # Layer classes plans may name in `_kw_requires_import` entries.
@@ -59,7 +63,7 @@ def build_network(architecture: dict, input_channels: int, num_classes: int, dee
         raise ModelError(f"The plans' architecture does not fit {name}: {error}") from None
 
 
-def _with_batchnorm(architecture: dict) -> dict:
+def _with_batchnorm(architecture: dict, checkpoint: dict = None) -> dict:
     """nnUNetTrainerBN swaps instance norm for batch norm."""
     kwargs = dict(architecture["arch_kwargs"])
     dim = "2d" if str(kwargs.get("conv_op", "")).endswith("2d") else "3d"
@@ -67,11 +71,16 @@ def _with_batchnorm(architecture: dict) -> dict:
     return {**architecture, "arch_kwargs": kwargs}
 
 
-# Trainers whose network differs from the plans' architecture: trainer name -> architecture transform.
-# Any other trainer (nnUNetTrainer_250epochs, nnUNetTrainerNoMirroring, ...) builds the plans' network.
+# Trainers whose network differs from the plans' architecture: trainer name -> architecture transform
+# (architecture, checkpoint) -> architecture. Any other trainer (nnUNetTrainer_250epochs,
+# nnUNetTrainerNoMirroring, ...) builds the plans' network.
 TRAINERS = {"nnUNetTrainerBN": _with_batchnorm}
+TRAINERS.update({name: partial(checkpoint_architecture, defaults=options) for name, options in TRAINER_OPTIONS.items()})
 
 
-def architecture_for_trainer(trainer_name: str, architecture: dict) -> dict:
+def architecture_for_trainer(trainer_name: str, architecture: dict, checkpoint: dict = None) -> dict:
+    """The architecture of the network that `checkpoint` (nnU-Net's dict, optional) holds weights for."""
     transform = TRAINERS.get(trainer_name)
-    return transform(architecture) if transform else architecture
+    if transform is None and is_mbtfe_checkpoint(checkpoint):
+        transform = checkpoint_architecture  # a subclass of an MBTFE trainer, or the original MBTFE code
+    return transform(architecture, checkpoint) if transform else architecture

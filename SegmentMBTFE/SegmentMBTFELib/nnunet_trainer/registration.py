@@ -1,0 +1,86 @@
+"""Put the MBTFE trainers where nnU-Net looks for trainers, and take them away again.
+
+The module goes into nnunetv2's `training/nnUNetTrainer/` folder itself, next to nnUNetTrainer.py, not into
+`variants/`: nnU-Net's lookup imports every module it passes, a folder's own modules before its subfolders,
+so there it is found before the lookup imports unrelated trainers. (In 2.8.1 `primus/` comes before
+`variants/` and imports timm and torchvision, which fail to import against a CPU build of torch.)
+
+nnunetv2 is located with `importlib.util.find_spec`, never imported: importing it reads the nnUNet_* paths
+once for the whole process and takes seconds. We only ever write or delete our own file, recognised by a
+marker line, so `unregister` cannot remove anything nnU-Net or a user put there.
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from ..errors import SegmentError
+
+SHIM = Path(__file__).resolve().parent / "shim" / "nnUNetTrainerMBTFE.py"
+MARKER = "segment-mbtfe-trainer-shim"
+
+
+class RegistrationError(SegmentError):
+    """nnunetv2 is missing, or its trainer folder cannot be written; the message says what to do."""
+
+
+def trainer_folder() -> Path:
+    """nnunetv2's `training/nnUNetTrainer` folder in this Python."""
+    spec = importlib.util.find_spec("nnunetv2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RegistrationError(f"nnunetv2 is not installed in this Python ({sys.executable}); "
+                                "install it (pip install nnunetv2) in the environment you train with.")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "training" / "nnUNetTrainer"
+    if not (folder / "nnUNetTrainer.py").is_file():
+        raise RegistrationError(f"This nnunetv2 has no trainer folder at {folder}; is it nnU-Net v2?")
+    return folder
+
+
+def registered_path() -> Path:
+    return trainer_folder() / SHIM.name
+
+
+def external_trainer_folder() -> Path:
+    """The folder to list in `nnUNet_extTrainer` (recent nnunetv2, e.g. 2.8.1) instead of registering."""
+    return SHIM.parent
+
+
+def is_registered() -> bool:
+    path = registered_path()
+    return path.is_file() and path.read_text(errors="replace") == SHIM.read_text()
+
+
+def register() -> Path:
+    """Writes (or updates) the trainer module in nnunetv2's trainer folder; returns its path."""
+    target = registered_path()
+    _check_ours(target)
+    partial = target.with_suffix(".partial")
+    try:  # write then rename: nnU-Net's search never imports a half-written file
+        partial.write_text(SHIM.read_text())
+        os.replace(partial, target)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise RegistrationError(f"Cannot write {target} ({error.strerror}). Run with write access to the "
+                                f"nnunetv2 installation, or set nnUNet_extTrainer={external_trainer_folder()} "
+                                "(recent nnunetv2 releases) instead.") from None
+    return target
+
+
+def unregister() -> bool:
+    """Removes the trainer module (and its compiled copies); False if it was not registered."""
+    target = registered_path()
+    if not target.exists():
+        return False
+    _check_ours(target)
+    try:
+        target.unlink()
+        for compiled in (target.parent / "__pycache__").glob(f"{target.stem}.*.pyc"):
+            compiled.unlink()
+    except OSError as error:
+        raise RegistrationError(f"Cannot remove {target} ({error.strerror}).") from None
+    return True
+
+
+def _check_ours(path: Path) -> None:
+    if path.exists() and MARKER not in path.read_text(errors="replace"):
+        raise RegistrationError(f"{path} exists but was not written by SegmentMBTFE; leaving it alone.")

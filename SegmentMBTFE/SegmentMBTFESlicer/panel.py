@@ -1,0 +1,48 @@
+"""What the panel shows, as plain functions of its state (so they read the same in PythonQt and PySide6)."""
+import re
+from typing import List, Optional, Sequence, Tuple
+
+from .catalog import ModelInfo
+
+
+def button_state(model: Optional[ModelInfo], inputs: Sequence, running: bool,
+                 folds_problem: str = "") -> Tuple[bool, str]:
+    """(enabled, tooltip) of the Segment button: the tooltip says what is missing when it is disabled."""
+    if running:
+        return False, "A segmentation is running: wait for it, or press Cancel."
+    if model is None:
+        return False, "Choose a model (or add a model folder)."
+    if model.problem:
+        return False, model.problem
+    missing = [channel for channel, node in zip(model.channels, inputs) if node is None]
+    if missing or len(inputs) < len(model.channels):
+        return False, "Choose the input volume for: " + ", ".join(missing or model.channels[len(inputs):]) + "."
+    if folds_problem:
+        return False, folds_problem
+    return True, f"Segment {', '.join(model.labels)} with {model.name}."
+
+
+def parse_folds(text: str, available: Sequence[str]) -> Tuple[Optional[List[str]], str]:
+    """('0, 2' or '' for all) -> (folds or None for all, problem text or '')."""
+    wanted = [f for f in re.split(r"[\s,;]+", text or "") if f]
+    if not wanted:
+        return None, ""
+    unknown = [f for f in wanted if f not in available]
+    if unknown:
+        return None, f"Fold {', '.join(unknown)} is not trained in this model (has: {', '.join(available)})."
+    return wanted, ""
+
+
+def progress_text(fraction: float, stage: str) -> str:
+    """'Segmenting: tile 3 of 27 (45%)'."""
+    return f"Segmenting: {stage} ({int(round(100 * fraction))}%)" if stage else f"Segmenting ({int(100 * fraction)}%)"
+
+
+def guess_volume(channel: str, names: Sequence[str], index: int) -> Optional[int]:
+    """Which of the scene's volumes (by name) most likely is this channel: one whose name contains the
+    channel name ('T2' in 'case1_T2'); for the first channel, failing that, the first volume."""
+    token = channel.strip().lower()
+    for i, name in enumerate(names):
+        if token and re.search(rf"(^|[^a-z0-9]){re.escape(token)}($|[^a-z0-9])", name.lower()):
+            return i
+    return 0 if index == 0 and names else None

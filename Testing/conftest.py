@@ -1,0 +1,152 @@
+"""Shared pytest fixtures: the real data in ../shared/data and the nnU-Net v2 reference (nnunet_reference.py).
+
+Reference model folders are built lazily, once per session (about 15-30 s each on 2 cores), under one
+session directory, or under $SEGMENTMBTFE_REFERENCE_CACHE when set (then they survive between runs; a
+folder is rebuilt only when its build request changes).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import nnunet_reference as ref
+
+NNUNET_MISSING = "nnunetv2 is not installed"
+# Hippocampus test inputs: the last cases in sorted order, never among the first six that train the models.
+HIPPO_TEST_COUNT = 2
+# CT test inputs, small enough that nnU-Net predicts each in seconds (ITK x, y, z voxel index and size).
+CT_DICOM_CROP = ((200, 220, 0), (128, 128, 20))  # 0.977 x 0.977 x 2 mm: separate-z from the target spacing
+CT_SM_CROP = ((30, 20, 5), (32, 32, 16))  # 3 mm isotropic: separate-z from the target spacing as well
+
+
+def agreement(a, b) -> float:
+    """Fraction of equal voxels between two label maps (arrays or image files)."""
+    return ref.agreement(a, b)
+
+
+@pytest.fixture(name="agreement", scope="session")
+def agreement_fixture():
+    return agreement
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real, public test data); tests that need it skip when it is absent."""
+    if not (ref.DEFAULT_DATA_DIR / "hippocampus").is_dir():
+        pytest.skip(f"real test data not found at {ref.DEFAULT_DATA_DIR} (../shared/data)")
+    return ref.DEFAULT_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def nnunet_installed() -> None:
+    # find_spec, not import: importing nnunetv2 here would freeze its nnUNet_* paths for the whole session.
+    if importlib.util.find_spec("nnunetv2") is None:
+        pytest.skip(NNUNET_MISSING)
+
+
+@pytest.fixture(scope="session")
+def nnunet_models_root(tmp_path_factory) -> Path:
+    cache = os.environ.get("SEGMENTMBTFE_REFERENCE_CACHE")
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        return Path(cache)
+    return tmp_path_factory.mktemp("nnunet_models")
+
+
+@pytest.fixture(scope="session")
+def nnunet_model(nnunet_installed, shared_data, nnunet_models_root):
+    """nnunet_model(kind, folds=None) -> trained-model folder built by nnunetv2 (see nnunet_reference.KINDS)."""
+    def build(kind: str, folds=None) -> Path:
+        return ref.make_model_folder(nnunet_models_root, kind=kind, folds=folds, data_dir=shared_data)
+    return build
+
+
+@pytest.fixture(scope="session")
+def hippo3d_model(nnunet_model):
+    return nnunet_model("hippo3d")
+
+
+@pytest.fixture(scope="session")
+def hippo2d_model(nnunet_model):
+    return nnunet_model("hippo2d")
+
+
+@pytest.fixture(scope="session")
+def hippo3d_2folds_model(nnunet_model):
+    return nnunet_model("hippo3d_2folds")
+
+
+@pytest.fixture(scope="session")
+def hippo3d_resenc_model(nnunet_model):
+    return nnunet_model("hippo3d_resenc")
+
+
+@pytest.fixture(scope="session")
+def ct_aniso_model(nnunet_model):
+    return nnunet_model("ct_aniso")
+
+
+@pytest.fixture(scope="session")
+def hippo3d_regions_model(nnunet_model):
+    return nnunet_model("hippo3d_regions")
+
+
+@pytest.fixture(scope="session")
+def hippo3d_oldplans_model(nnunet_model):
+    return nnunet_model("hippo3d_oldplans")
+
+
+@pytest.fixture(scope="session")
+def hippo3d_postprocessing_model(nnunet_model):
+    return nnunet_model("hippo3d_postprocessing")
+
+
+@pytest.fixture(scope="session")
+def hippo_test_cases(shared_data) -> list[list[Path]]:
+    """Two real hippocampus MR cases (1 mm iso, ~35x50x36) that no reference model trained on."""
+    images = shared_data / "hippocampus" / "train" / "images"
+    return [[images / f"{case_id}.nii.gz"] for case_id in ref.hippocampus_case_ids(shared_data)[-HIPPO_TEST_COUNT:]]
+
+
+@pytest.fixture(scope="session")
+def ct_dicom_dir(shared_data) -> Path:
+    """The 512x512x20 CT DICOM series (0.977 x 0.977 x 2.0 mm, some UIDs empty)."""
+    return shared_data / "formats" / "totalsegmentator" / "example_ct_dicom"
+
+
+@pytest.fixture(scope="session")
+def ct_test_cases(shared_data, ct_dicom_dir, tmp_path_factory) -> list[list[Path]]:
+    """Two real CT crops as NIfTI for ct_aniso: 128x128x20 of the DICOM series and 32x32x16 of
+    example_ct_sm (3 mm). nnU-Net resamples both with separate z to the model's 4.8 x 1.2 x 1.2 mm."""
+    import SimpleITK as sitk
+    folder = tmp_path_factory.mktemp("ct_test_cases")
+    dicom_crop = ref.dicom_series_to_file(ct_dicom_dir, folder / "ct_dicom_crop_0000.nii.gz", *CT_DICOM_CROP)
+    ct_sm = sitk.ReadImage(str(shared_data / "formats" / "totalsegmentator" / "example_ct_sm.nii.gz"))
+    index, size = CT_SM_CROP
+    sitk.WriteImage(sitk.RegionOfInterest(ct_sm, size, index), str(folder / "ct_sm_crop_0000.nii.gz"))
+    return [[dicom_crop], [folder / "ct_sm_crop_0000.nii.gz"]]
+
+
+@pytest.fixture(scope="session")
+def nnunet_prediction(nnunet_installed, tmp_path_factory):
+    """nnunet_prediction(model_dir, cases, **predict_with_nnunet options) -> output files; each distinct
+    request runs nnUNetPredictor once per session, so parity tests and self-tests share predictions.
+    Defaults: folds=None (nnU-Net auto-detects them) and threads=1. One torch thread because on a busy
+    2-core machine two OpenMP threads made a 7 s prediction take 110 s; note that nnU-Net's probabilities
+    differ by ~1e-4 between 1 and 2 threads (labels agreed), and are bit-identical at a fixed count."""
+    done = {}
+
+    def predict(model_dir, cases, **options) -> list[Path]:
+        options.setdefault("folds", None)
+        options.setdefault("threads", 1)
+        key = json.dumps([str(model_dir), [[str(f) for f in c] for c in cases], options], sort_keys=True,
+                         default=str)
+        if key not in done:
+            output_dir = tmp_path_factory.mktemp("nnunet_prediction")
+            done[key] = ref.predict_with_nnunet(model_dir, cases, output_dir, **options)
+        return done[key]
+    return predict

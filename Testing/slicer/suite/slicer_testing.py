@@ -1,0 +1,67 @@
+"""Helpers shared by the Slicer module's tests (imported by name: `conftest` is ambiguous between
+Testing/conftest.py and this folder's)."""
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[3]
+SCREENSHOTS = REPO / "Resources" / "Screenshots"
+
+
+def load_volume(scene, path, name=None):
+    """Load an image file into the scene through its storage node, as Slicer's "Add data" does."""
+    import slicer
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or Path(path).name.split(".")[0])
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.CreateDefaultDisplayNodes()
+    assert isinstance(node, slicer.vtkMRMLScalarVolumeNode)
+    return node
+
+
+def process_events(seconds=0.0):
+    import qt
+    end = time.perf_counter() + seconds
+    while True:
+        qt.QApplication.processEvents()
+        if time.perf_counter() >= end:
+            return
+        time.sleep(0.01)
+
+
+def wait_for_panel(panel, timeout=120.0, until=None):
+    """Let the Qt event loop run (the panel's timer polls the worker) until the job ends or `until()`."""
+    deadline = time.perf_counter() + timeout
+    while panel._job is not None and not (until and until()):
+        assert time.perf_counter() < deadline, "the segmentation did not finish in time"
+        process_events(0.02)
+
+
+def scene_state(scene) -> list:
+    """What a user could see change: every node with its name, attributes and (for segmentations) each
+    segment's name, colour, tags and voxel count."""
+    state = []
+    for index in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(index)
+        entry = [node.GetID(), node.GetClassName(), node.GetName(),
+                 sorted((a, node.GetAttribute(a)) for a in node.GetAttributeNames() or ())]
+        if node.IsA("vtkMRMLSegmentationNode"):
+            segmentation = node.GetSegmentation()
+            for i in range(segmentation.GetNumberOfSegments()):
+                segment = segmentation.GetNthSegment(i)
+                entry.append((segmentation.GetNthSegmentID(i), segment.GetName(), tuple(segment.GetColor()),
+                              _voxel_count(segment)))
+        state.append(entry)
+    return state
+
+
+def _voxel_count(segment) -> int:
+    import slicer
+    from vtk.util import numpy_support
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if image is None or image.GetPointData().GetScalars() is None:
+        return 0
+    return int(np.count_nonzero(numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+                                == segment.GetLabelValue()))
