@@ -83,7 +83,10 @@ def test_probabilities_match(hippo3d_model, hippo_test_cases, nnunet_prediction)
     files = nnunet_prediction(hippo3d_model, [case], save_probabilities=True)
     reference = np.load(files[1])["probabilities"]
     assert prediction.probabilities.shape == reference.shape
-    assert np.abs(prediction.probabilities - reference).max() < 2e-3  # fp16 logits, float32 softmax
+    # Both softmax fp16 logits: a difference of one fp16 step in a logit of magnitude ~10 moves a
+    # probability by up to ~4e-3; anything systematic would show in the mean.
+    difference = np.abs(prediction.probabilities - reference)
+    assert difference.max() < 1e-2 and difference.mean() < 1e-4, (difference.max(), difference.mean())
     np.testing.assert_allclose(prediction.probabilities.sum(0), 1, atol=1e-5)
 
 
