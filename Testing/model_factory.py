@@ -138,9 +138,8 @@ def network_weights(configuration: dict, n_channels: int, n_heads: int, seed: in
 def checkpoint_dict(weights: dict, plans: dict, dataset: dict, configuration: str, fold: Union[int, str] = 0,
                     trainer: str = "nnUNetTrainer", mirror_axes="default") -> dict:
     """A dict shaped like nnUNetTrainer.save_checkpoint's, numpy scalars included."""
-    dim = len(plans["configurations"][configuration]["patch_size"])
     if mirror_axes == "default":
-        mirror_axes = tuple(range(dim))
+        mirror_axes = tuple(range(len(plans["configurations"][configuration]["patch_size"])))
     epochs = 2
     logging = {
         "mean_fg_dice": [np.float64(0.1 * (e + 1)) for e in range(epochs)],

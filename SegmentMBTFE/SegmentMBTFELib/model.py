@@ -171,11 +171,11 @@ class Model:
                         mirror_axes=self.mirror_axes if tta else None, device=plan.network,
                         results_device=plan.results, batch_size=batch, progress=_Prefixed(reporter, prefix)).cpu()
             except (RuntimeError, MemoryError) as error:
-                if not (is_out_of_memory(error) or isinstance(error, MemoryError)) or attempt == len(plans) - 1:
-                    if is_out_of_memory(error) or isinstance(error, MemoryError):
-                        raise OutOfMemory("Out of memory even on the CPU: use fewer folds, turn TTA off, "
-                                          "or crop the image.") from None
+                if not is_out_of_memory(error):
                     raise
+                if attempt == len(plans) - 1:
+                    raise OutOfMemory("Out of memory even on the CPU: use fewer folds, turn TTA off, "
+                                      "or crop the image.") from None
             finally:
                 release_memory(plan.network)
         raise AssertionError("unreachable")
