@@ -661,7 +661,8 @@ def _determine_postprocessing(model_dir: Path, labels_dir: Path, reference: Path
                                                  str(crossval / "dataset.json"), num_processes=1,
                                                  keep_postprocessed_files=False)
     chosen = [kw["labels_or_regions"] for kw in pp_kwargs]
-    foreground = sorted(v for v in json.loads((model_dir / "dataset.json").read_text())["labels"].values() if v)
+    labels = json.loads((model_dir / "dataset.json").read_text())["labels"].values()
+    foreground = sorted(v for v in labels if isinstance(v, int) and v > 0)  # label-based datasets only
     if chosen != [foreground, *foreground]:
         raise NnunetReferenceError(f"nnU-Net chose postprocessing {chosen}, not largest-fg then per label")
 

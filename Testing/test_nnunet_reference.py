@@ -46,7 +46,8 @@ def test_tiny_plans_give_several_tiles(hippo3d_model, hippo_test_cases):
 @pytest.mark.parametrize("model_fixture", KIND_FIXTURES)
 def test_nnunet_predicts_each_kind(model_fixture, request, nnunet_prediction, hippo_test_cases, ct_test_cases):
     model_dir = request.getfixturevalue(model_fixture)
-    cases = ct_test_cases if model_fixture.startswith("ct") else hippo_test_cases
+    # one hippocampus case (the same request as other tests make, so the prediction is shared), both CT cases
+    cases = ct_test_cases if model_fixture.startswith("ct") else hippo_test_cases[:1]
     outputs = nnunet_prediction(model_dir, cases, tta=False)
     assert len(outputs) == len(cases)
     for output, case in zip(outputs, cases):
@@ -133,7 +134,7 @@ def test_postprocessing_asks_for_largest_components(hippo3d_postprocessing_model
 
 
 def test_tta_and_probabilities_are_written(hippo3d_model, nnunet_prediction, hippo_test_cases):
-    outputs = nnunet_prediction(hippo3d_model, hippo_test_cases[:1], tta=True, save_probabilities=True)
+    outputs = nnunet_prediction(hippo3d_model, hippo_test_cases[:1], save_probabilities=True)  # TTA is default
     labels, probabilities = read_labels(outputs[0]), np.load(outputs[1])["probabilities"]
     assert probabilities.shape == (3, *labels.shape)
     assert np.array_equal(np.argmax(probabilities, 0), labels)
