@@ -107,3 +107,23 @@ def test_installing_keeps_the_installed_torch(tmp_path):
     installs = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert "segmentmbtfe" in installs
     assert not installs & {"torch", "nvidia-cudnn-cu12", "nvidia-cublas-cu12"}, installs
+
+
+def test_unknown_trainer_builds_the_plans_network(tmp_path):
+    """A custom trainer name (nnUNetTrainer_250epochs, a lab's own) falls back to the plans' architecture."""
+    folder = model_factory.make_model_folder(tmp_path, trainer="nnUNetTrainerOurLab_500epochs")
+    model = load_model(folder)
+    assert model.trainer_name == "nnUNetTrainerOurLab_500epochs"
+    assert type(model.network).__name__ == "PlainConvUNet"
+
+
+def test_trainer_with_another_network_names_the_keys(tmp_path):
+    """Weights that do not fit the plans' network: the error names the trainer and the mismatching keys."""
+    from SegmentMBTFELib import ModelError
+    folder = model_factory.make_model_folder(tmp_path, trainer="nnUNetTrainerOurLab")
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["network_weights"]["encoder.extra_attention.weight"] = torch.zeros(3)
+    torch.save(saved, checkpoint)
+    with pytest.raises(ModelError, match=r"unexpected 1 keys: encoder\.extra_attention\.weight.*nnUNetTrainerOurLab"):
+        load_model(folder)

@@ -102,3 +102,11 @@ def test_postprocessing_from_the_model_folder(hippo3d_postprocessing_model, hipp
     check(prediction, reference, agreement)
     without = ours(folder, case, postprocess=False)
     assert without.settings["postprocessing"] is False
+
+
+def test_best_checkpoint(hippo3d_model, hippo_test_cases, nnunet_prediction, agreement):
+    case = hippo_test_cases[1]
+    model = load_model(hippo3d_model, checkpoint="best")
+    prediction = model.predict(read_channels(case), device="cpu")
+    assert prediction.settings["checkpoint"] == "best"
+    check(prediction, theirs(nnunet_prediction, hippo3d_model, case, checkpoint="checkpoint_best.pth"), agreement)
