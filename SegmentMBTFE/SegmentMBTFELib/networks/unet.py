@@ -10,7 +10,18 @@ from .blocks import StackedConvBlocks, StackedResidualBlocks, conv_dim, per_stag
 
 
 class _Encoder(nn.Module):
-    """Shared bookkeeping the decoder reads: strides, kernels, widths and the ops to reuse."""
+    """Shared bookkeeping the decoder reads (strides, kernels, widths, the ops to reuse) and the forward pass."""
+
+    def forward(self, x):
+        """Every stage's output: the skips, the last one being the bottleneck."""
+        stem = self._modules.get("stem")  # ResidualEncoder's first convolution, before the stages
+        if stem is not None:
+            x = stem(x)
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
 
     def _remember(self, conv_op, features, strides, kernel_sizes, conv_bias, norm_op, norm_op_kwargs,
                   dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs):
@@ -45,13 +56,6 @@ class PlainConvEncoder(_Encoder):
         self._remember(conv_op, features, strides, kernel_sizes, conv_bias, norm_op, norm_op_kwargs,
                        dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs)
 
-    def forward(self, x):
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
-
 
 class ResidualEncoder(_Encoder):
     def __init__(self, input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
@@ -72,14 +76,6 @@ class ResidualEncoder(_Encoder):
             channels = features[s]
         self.stages = nn.Sequential(*stages)
         self._remember(conv_op, features, strides, kernel_sizes, *ops)
-
-    def forward(self, x):
-        x = self.stem(x)
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
 
 
 class UNetDecoder(nn.Module):
