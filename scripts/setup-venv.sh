@@ -15,7 +15,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${pip[@]}" install "$TORCH_SPEC"
 fi
 mkdir -p .venv/constraints
-.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv/constraints/torch.txt
+.venv/bin/python -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > .venv/constraints/torch.txt
 
 if [ "${1:-}" = "--test" ]; then
     "${pip[@]}" install -c .venv/constraints/torch.txt -e ".[test]" -r Testing/requirements.txt
