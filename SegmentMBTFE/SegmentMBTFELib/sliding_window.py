@@ -86,11 +86,11 @@ def network_batch_size(patch_size, first_features: int, device) -> int:
 
     On the CPU, torch runs a batch of one small 3D patch through its slow reference convolution
     (`slow_conv3d`) and only batches of two or more through oneDNN, 5-8x faster here; so we never send a
-    single patch. The cap keeps the first stage's activations of a batch near 256 MB (fp32).
+    single patch. Beyond two, bigger batches gain little; the cap of 8 holds one tile's mirrored copies
+    in 3D, and the memory bound keeps the first stage's activations of a batch near 256 MB (fp32).
     """
     voxels = int(np.prod(patch_size)) * max(int(first_features), 1) * 4
-    cap = max(2, min(16, (256 << 20) // voxels))
-    return cap if device.type == "cpu" else min(cap, 8)
+    return max(2, min(8, (256 << 20) // voxels))
 
 
 def _run(network, batch: torch.Tensor) -> torch.Tensor:
@@ -130,13 +130,16 @@ def predict_logits(network, data: torch.Tensor, patch_size, num_heads: int, *, s
     gaussian = gaussian_weights(patch_size, results_device)
     flips = mirror_combinations(mirror_axes)
     all_tiles = tiles(spatial, patch_size, step_size)
-    per_step = max(1, batch_size // (len(flips) + 1))  # tiles per network batch
+    # At most two tiles per step, so a cancel (checked at every tile's report) waits for two tiles at most.
+    per_step = max(1, min(2, batch_size // (len(flips) + 1)))
     for first in range(0, len(all_tiles), per_step):
         group = all_tiles[first:first + per_step]
         progress.report(first / len(all_tiles), f"tile {first + 1} of {len(all_tiles)}")
         patches = torch.stack([padded[tile] for tile in group]).to(device, non_blocking=True)
         predictions = predict_tiles(network, patches, flips, batch_size).to(results_device)
-        for tile, prediction in zip(group, predictions):
+        for i, (tile, prediction) in enumerate(zip(group, predictions)):
+            if i:
+                progress.report((first + i) / len(all_tiles), f"tile {first + i + 1} of {len(all_tiles)}")
             prediction *= gaussian
             logits[tile] += prediction
             weights[tile[1:]] += gaussian
