@@ -46,12 +46,17 @@ def available_models(user_folders: Iterable[str] = ()) -> List[ModelInfo]:
     models, seen = [], set()
     for root in SHIPPED_MODEL_DIRS:
         if root.is_dir():
-            for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for folder in sorted(p for p in root.iterdir() if _holds_model(p)):
                 _add(models, seen, describe(folder, shipped=True))
     for folder in user_folders:
         if Path(folder).is_dir():  # a folder deleted since it was added is dropped, not listed as broken
             _add(models, seen, describe(folder))
     return models
+
+
+def _holds_model(folder: Path) -> bool:
+    """A model folder, or a dataset folder above one (models/ also holds scripts and caches)."""
+    return folder.is_dir() and ((folder / "plans.json").is_file() or any(folder.glob("*/plans.json")))
 
 
 def describe(path, shipped: bool = False) -> ModelInfo:

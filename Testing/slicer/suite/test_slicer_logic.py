@@ -56,7 +56,9 @@ def test_console_finds_a_model_by_name_and_writes_into_an_existing_node(module, 
     catalog.remember_folder(qt.QSettings(), str(hippo3d_model))  # as "Add model folder..." does
     volume = load_volume(scene, hippo_case)
     logic = module.SegmentMBTFELogic()
-    assert [m.name for m in logic.availableModels()] == ["Dataset901_Hippocampus (3d_fullres)"]
+    models = logic.availableModels()  # the shipped models (models/) first, then the ones the user added
+    assert [m.shipped for m in models] == [True] * (len(models) - 1) + [False]
+    assert models[-1].name == "Dataset901_Hippocampus (3d_fullres)"
     first = logic.segment([volume], model="Dataset901_Hippocampus (3d_fullres)", tta=False, show3D=False)
     again = logic.segment(volume, model="nnUNetTrainer__nnUNetPlans__3d_fullres", outputSegmentation=first,
                           tta=False, show3D=False)
