@@ -60,6 +60,7 @@ class Model:
         axes = checkpoints[0].get("inference_allowed_mirroring_axes")
         self.mirror_axes = tuple(int(a) for a in axes) if axes is not None else None
         self.network = self._build_network(checkpoints[0])
+        self._checksum = None
 
     # -- what the model is -------------------------------------------------------------------------------
     @property
@@ -79,7 +80,13 @@ class Model:
         return self.folder.name
 
     def checksum(self) -> str:
-        """Short SHA-256 of the selected checkpoints' bytes: identifies the exact weights in provenance."""
+        """Short SHA-256 of the selected checkpoints' bytes: identifies the exact weights in provenance.
+        Computed once per loaded model: every prediction records it, and checkpoints can be large."""
+        if self._checksum is None:
+            self._checksum = self._hash_checkpoints()
+        return self._checksum
+
+    def _hash_checkpoints(self) -> str:
         digest = hashlib.sha256()
         for fold in self.folds:
             with open(self.folder.checkpoint_path(fold, self.checkpoint_name), "rb") as f:
