@@ -21,11 +21,17 @@ def output_format(path) -> str:
     raise InputError(f"Cannot write {Path(path).name}: give a .nii.gz, .nii, .nrrd, .mha or .seg.nrrd file name.")
 
 
-def write_prediction(prediction, path) -> List[Path]:
-    """Write the label map (and probabilities, when predicted) and return the files written."""
+def write_prediction(prediction, path, terminology=None) -> List[Path]:
+    """Write the label map (and probabilities, when predicted) and return the files written.
+
+    terminology: optional `(segment name, model name) -> Slicer terminology string or None` for .seg.nrrd.
+    """
     path = Path(path)
     if output_format(path) == "segmentation":
-        segments = [Segment(name=name, label_value=value) for value, name in prediction.segments]
+        model_name = str(prediction.settings.get("model", ""))
+        segments = [Segment(name=name, label_value=value,
+                            terminology=terminology(name, model_name) if terminology else None)
+                    for value, name in prediction.segments]
         settings = {k: str(v) for k, v in prediction.settings.items()}
         written = [write_seg_nrrd(prediction.labels, path, segments, settings)]
     else:

@@ -162,7 +162,7 @@ def segment_files(models: ModelCache, paths: Sequence, model, output_dir, option
                   progress: Callable[[float, str], None] = None, cancel=None) -> List[Path]:
     """Segment image files (one path, or a list of channel paths, per case) into `output_dir`/<case>.seg.nrrd."""
     from SegmentMBTFELib.imageio import read_channels
-    from SegmentMBTFELib.segfile import Segment, write_seg_nrrd
+    from SegmentMBTFELib.writers import write_prediction
     from SegmentMBTFELib.progress import Progress
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -175,11 +175,7 @@ def segment_files(models: ModelCache, paths: Sequence, model, output_dir, option
         prediction = predict(models, model, read_channels(channels), options,
                              lambda f, text: case_reporter.report(f, f"{name} ({index + 1}/{len(cases)}): {text}"),
                              cancel)
-        model_name = str(prediction.settings.get("model", ""))
-        segments = [Segment(label, value, terminology=terminology.terminology_for(label, model_name))
-                    for value, label in prediction.segments]
-        metadata = {k: str(v) for k, v in prediction.settings.items()}
-        written.append(write_seg_nrrd(prediction.labels, output_dir / f"{name}.seg.nrrd", segments, metadata))
+        written += write_prediction(prediction, output_dir / f"{name}.seg.nrrd", terminology.terminology_for)
     return written
 
 
