@@ -10,6 +10,7 @@ Console use:
     logic = slicer.util.getModuleLogic("SegmentMBTFE")   # or SegmentMBTFE.SegmentMBTFELogic()
     segmentation = logic.segment(volumeNode, model="Dataset004_Hippocampus")
     logic.segmentFiles(["case1.nii.gz"], model="/path/to/model", outputDir="/tmp/out")
+    run = logic.finetune(segmentation, model="Dataset004_Hippocampus", iterations=100)  # after correcting it
 """
 import logging
 import os
@@ -27,7 +28,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from SegmentMBTFESlicer import catalog, dependencies, panel, runner, segmentation
+from SegmentMBTFESlicer import catalog, dependencies, finetune_panel, panel, runner, segmentation
 from SegmentMBTFESlicer.jobs import SegmentationJob
 
 ADD_MODEL_FOLDER = "<add model folder>"
@@ -55,6 +56,7 @@ class SegmentMBTFE(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segment a volume with an nnU-Net v2 or MBTFE-UNet model: pick the model and the input volume(s), "
             "click Segment, and edit the resulting segments right away in Segment Editor. "
+            "Fine-tune adapts the model to your corrections as a new model version (the original stays). "
             "From the Python console: <code>SegmentMBTFE.SegmentMBTFELogic().segment(volumeNode, model=...)</code>.")
         self.parent.acknowledgementText = _(
             "Runs models trained with nnU-Net v2 (Isensee et al., Nature Methods 2021) without needing nnU-Net.")
@@ -101,6 +103,7 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._models = []            # catalog.ModelInfo, in the model selector's order
         self._channelSelectors = []  # one qMRMLNodeComboBox per model channel
         self._job = None             # the running SegmentationJob, if any
+        self.finetune = None         # the Fine-tune section (finetune_panel.FinetuneSection)
         self._updatingGUI = False
         # Asked before this model's earlier segments are replaced; Yes/No, like every Slicer confirmation.
         self.confirm = lambda question: slicer.util.confirmYesNoDisplay(question, windowTitle=_("Replace segments?"))
@@ -134,6 +137,8 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.foldsLineEdit.textChanged.connect(self.onSettingChanged)
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
         self.ui.cancelButton.clicked.connect(self.onCancelButton)
+        self.finetune = finetune_panel.FinetuneSection(self)
+        self.finetune.setup()
 
         self.initializeParameterNode()
         self.refreshModels()
@@ -148,6 +153,8 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except TimeoutError:
                 logging.warning("SegmentMBTFE: the cancelled segmentation did not stop within 60 s")
         self.pollTimer.stop()
+        if self.finetune is not None:
+            self.finetune.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -159,6 +166,8 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:
             self._job.cancel()  # its nodes are going away: write nothing
+        if self.finetune is not None:
+            self.finetune.sceneClosing()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -208,7 +217,7 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = qt.QSettings()
         self._models = catalog.available_models(catalog.remembered_folders(settings))
         wanted = select or (self._parameterNode.modelPath if self._parameterNode else "") or \
-            slicer.util.settingsValue(catalog.SETTINGS_LAST, "")
+            slicer.util.settingsValue(catalog.SETTINGS_LAST, "") or catalog.default_path()
         combo = self.ui.modelSelector
         combo.blockSignals(True)
         combo.clear()
@@ -255,6 +264,8 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QSettings().setValue(catalog.SETTINGS_LAST, model.path)
         self._buildChannelSelectors(model)
         self.onSettingChanged()
+        if self.finetune is not None:
+            self.finetune.modelChanged()
 
     # -- input selectors, one per model channel -------------------------------------------------------------
     def _buildChannelSelectors(self, model) -> None:
@@ -312,10 +323,16 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtonState(self) -> None:
         model = self.currentModel()
         _folds, foldsProblem = panel.parse_folds(self.ui.foldsLineEdit.property("text"), model.folds if model else [])
-        enabled, toolTip = panel.button_state(model, self.inputVolumes(), self._job is not None, foldsProblem)
+        running = self._job is not None or (self.finetune is not None and self.finetune.running)
+        enabled, toolTip = panel.button_state(model, self.inputVolumes(), running, foldsProblem)
         self.ui.segmentButton.setEnabled(enabled)
         self.ui.segmentButton.setToolTip(toolTip)
         self.ui.cancelButton.setEnabled(self._job is not None and not self._job.cancelling)
+        if self.finetune is not None:
+            self.finetune.updateButtons()
+
+    def device(self) -> str:
+        return self.ui.deviceSelector.itemData(self.ui.deviceSelector.property("currentIndex")) or "auto"
 
     def _showDependencyStatus(self) -> None:
         status = dependencies.check()
@@ -326,7 +343,7 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- running -----------------------------------------------------------------------------------------------
     def onSegmentButton(self) -> None:
         if self._job is not None or runner.is_running():
-            self.ui.statusLabel.setText(_(runner.BUSY_MESSAGE))
+            self.ui.statusLabel.setText(_(runner.busy_message()))
             return
         model = self.currentModel()
         if model is None:
@@ -341,8 +358,8 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folds, _problem = panel.parse_folds(self.ui.foldsLineEdit.property("text"), model.folds)
             self._job = self.logic.startSegmentation(
                 self.inputVolumes(), model.path, outputSegmentation=output,
-                device=self.ui.deviceSelector.itemData(self.ui.deviceSelector.property("currentIndex")) or "auto",
-                tta=self.ui.ttaCheckBox.isChecked(), stepSize=float(self.ui.stepSizeSpinBox.property("value")),
+                device=self.device(), tta=self.ui.ttaCheckBox.isChecked(),
+                stepSize=float(self.ui.stepSizeSpinBox.property("value")),
                 folds=folds, onProgress=self.onProgress, onFinished=self.onFinished)
         except Exception as error:  # noqa: BLE001 - every failure ends in a message box, never silently
             self.showError(error, traceback.format_exc())
@@ -384,16 +401,21 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputSegmentationSelector.setCurrentNode(node)
             self._updatingGUI = False
             self._updateParameterNodeFromGUI()
+            self.finetune.segmented(node, next(iter(self.inputVolumes()), None))
             count = node.GetSegmentation().GetNumberOfSegments()
             self.ui.statusLabel.setText(_("Done in {seconds:.1f} s: {node} has {count} segment(s).")
                                         .format(seconds=outcome.seconds, node=node.GetName(), count=count))
         self.updateButtonState()
 
-    def showError(self, error: BaseException, details: str = "") -> None:
+    def showError(self, error: BaseException, details: str = "", title: str = None) -> None:
         """A message box with one line saying what went wrong; the details go to the log."""
         message = oneLine(error)
         logging.error(f"SegmentMBTFE: {message}\n{details}" if details else f"SegmentMBTFE: {message}")
-        slicer.util.errorDisplay(message, windowTitle=_("Segmentation failed"), detailedText=details)
+        slicer.util.errorDisplay(message, windowTitle=title or _("Segmentation failed"), detailedText=details)
+
+    @staticmethod
+    def errorText(error: BaseException) -> str:
+        return oneLine(error)
 
 
 def oneLine(error: BaseException) -> str:
@@ -456,7 +478,7 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
             options = runner.Options(device, tta, stepSize, _foldList(folds), checkpoint, show3D)
             prediction = runner.predict(self.models, model, inputs.volumes, options, progress or LogProgress(), cancel)
             return runner.apply_prediction(prediction, inputs.geometry, slicer.mrmlScene, outputSegmentation,
-                                           show3d=show3D)
+                                           show3d=show3D, reference_volume_id=inputs.node_ids[0])
         finally:
             runner.release()
 
@@ -523,7 +545,89 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
                 raise InputError(f"The output segmentation {output.GetName()} was deleted while segmenting; "
                                  "nothing was written.")
             outcome.result = runner.apply_prediction(outcome.result, inputs.geometry, slicer.mrmlScene, output,
-                                                     show3d=show3D)
+                                                     show3d=show3D, reference_volume_id=inputs.node_ids[0])
+        except Exception as error:  # noqa: BLE001 - reported through the outcome like any other failure
+            outcome.result, outcome.error, outcome.details = None, error, traceback.format_exc()
+
+
+    # -- fine-tuning -------------------------------------------------------------------------------------------
+    def finetune(self, segmentationNodes, volumeNodes=None, model=None, iterations: int = 200, minutes: float = None,
+                 learningRate: float = 1e-3, freezeEncoder: bool = False, device: str = "auto",
+                 makeCurrent: bool = True, progress=None, cancel=None):
+        """Fine-tune `model` on corrected segmentation(s) and write the result as a new version of it.
+
+        segmentationNodes: one node or a list; their segments are only read, and map to the model's labels
+        by the tags Segment wrote or by their names (segments matching no label are left out and reported).
+        volumeNodes: None (each segmentation's reference volume), or per segmentation a volume node or a
+        list of channel volumes. model: a folder, a model's name, or None for the model that made the first
+        segmentation. iterations / minutes: the budget (minutes None: no time limit). Returns a run with
+        .version (id, path; current when makeCurrent), .result (dice_before / dice_after) and .dice_text().
+        The original model is never modified. Blocks until done (see startFinetune for the background).
+        """
+        self.ensureDependencies()
+        runner.claim("fine-tune")
+        try:
+            plan = self._finetunePlan(segmentationNodes, volumeNodes, model)
+            settings = runner.finetune_settings(iterations, minutes, learningRate, freezeEncoder, device)
+            return runner.finetune_model(self.models, plan, settings, progress or LogProgress(), cancel,
+                                         make_current=makeCurrent)
+        finally:
+            runner.release()
+
+    def startFinetune(self, segmentationNodes, volumeNodes=None, model=None, iterations: int = 200,
+                      minutes: float = None, learningRate: float = 1e-3, freezeEncoder: bool = False,
+                      device: str = "auto", onProgress=None, onFinished=None) -> SegmentationJob:
+        """finetune() in a worker thread, polled like startSegmentation; outcome.result is the run. The new
+        version becomes current on the main thread when the job ends; a cancelled job leaves no version."""
+        runner.claim("fine-tune")
+        try:
+            plan = self._finetunePlan(segmentationNodes, volumeNodes, model)
+            settings = runner.finetune_settings(iterations, minutes, learningRate, freezeEncoder, device)
+        except Exception:
+            runner.release()
+            raise
+        job, written = None, []
+
+        def work(progress, cancel):
+            return runner.finetune_model(self.models, plan, settings, progress, cancel, make_current=False,
+                                         written=written)
+
+        def finished(outcome):
+            try:
+                self._settleVersion(outcome, job, plan, written)
+            finally:
+                runner.release()
+            if onFinished:
+                onFinished(outcome)
+
+        job = SegmentationJob(work, onProgress, finished)
+        return job.start()
+
+    def _finetunePlan(self, segmentationNodes, volumeNodes, model):
+        if model is None:
+            nodes = [segmentationNodes] if hasattr(segmentationNodes, "GetAttribute") else list(segmentationNodes or [])
+            first = nodes[0] if nodes else None
+            model = first.GetAttribute(segmentation.ATTRIBUTE_PREFIX + "Model") if first is not None else None
+            if not model:
+                from SegmentMBTFELib.errors import InputError
+                raise InputError("Name the model to fine-tune (model=...): the segmentation does not say which "
+                                 "model made it.")
+        path = runner.resolve_model(model, catalog.remembered_folders(qt.QSettings()))
+        if hasattr(path, "predict"):
+            path = str(path.folder.path)  # a loaded model: its folder (the versions are the folder's)
+        return runner.prepare_finetune(segmentationNodes, volumeNodes, path)
+
+    def _settleVersion(self, outcome, job, plan, written) -> None:
+        """Main thread: make the written version current, or remove it when the run was cancelled meanwhile."""
+        from SegmentMBTFELib.versions import ModelVersions
+        try:
+            versions = ModelVersions(plan.model_path)
+            if outcome.cancelled or job.cancelling:
+                for version in written:
+                    versions.delete(version.id)
+                outcome.result, outcome.cancelled = None, True
+            elif outcome.result is not None:
+                outcome.result.version = versions.use(outcome.result.version.id)
         except Exception as error:  # noqa: BLE001 - reported through the outcome like any other failure
             outcome.result, outcome.error, outcome.details = None, error, traceback.format_exc()
 
@@ -569,6 +673,8 @@ class SegmentMBTFETest(ScriptedLoadableModuleTest):
         self.test_PanelSegmentsAndKeepsUserSegments()
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_FinetuneWritesANewVersion()
         self.delayDisplay("SegmentMBTFE tests passed")
 
     def _modelAndVolume(self):
@@ -640,3 +746,28 @@ class SegmentMBTFETest(ScriptedLoadableModuleTest):
         with self.assertRaises(Cancelled):
             logic.segment(volume, model=str(folder), tta=False, cancel=cancel)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+
+    def test_FinetuneWritesANewVersion(self):
+        self.delayDisplay("Fine-tune: corrected segments make a new current version; the original and segments stay")
+        import os
+        import tempfile
+        from SegmentMBTFESlicer import selftest
+        logic, folder, volume, np = self._modelAndVolume()
+        node = logic.segment(volume, model=str(folder), tta=False, show3D=False)
+        labels, ids = selftest.test_labels(), {}
+        for value, name in ((1, "anterior"), (2, "posterior")):  # the user's corrections, as Segment Editor makes
+            ids[value] = node.GetSegmentation().GetSegmentIdBySegmentName(name)
+            slicer.util.updateSegmentBinaryLabelmapFromArray((labels == value).astype(np.uint8), node, ids[value],
+                                                             volume)
+        checkpoint = (folder / "fold_0" / "checkpoint_final.pth").read_bytes()
+        home = os.environ.get("SEGMENTMBTFE_HOME")
+        os.environ["SEGMENTMBTFE_HOME"] = tempfile.mkdtemp(prefix="SegmentMBTFETest-versions-")  # not the user's
+        try:
+            run = logic.finetune(node, volume, model=str(folder), iterations=2)
+        finally:
+            os.environ.pop("SEGMENTMBTFE_HOME") if home is None else os.environ.update(SEGMENTMBTFE_HOME=home)
+        self.assertEqual((run.version.id, run.version.current, run.parent), ("v1", True, "original"))
+        self.assertTrue(run.dice_text().startswith("Dice before "))
+        self.assertEqual((folder / "fold_0" / "checkpoint_final.pth").read_bytes(), checkpoint)
+        for value, segmentId in ids.items():
+            np.testing.assert_array_equal(segmentation.segment_array(node, segmentId), labels == value)

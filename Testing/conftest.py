@@ -34,6 +34,19 @@ def agreement_fixture():
     return agreement
 
 
+@pytest.fixture(scope="session", autouse=True)
+def versions_home(tmp_path_factory) -> Path:
+    """Model versions written by any test go to a session folder, never the user's real versions home."""
+    home = tmp_path_factory.mktemp("segmentmbtfe_home")
+    previous = os.environ.get("SEGMENTMBTFE_HOME")
+    os.environ["SEGMENTMBTFE_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("SEGMENTMBTFE_HOME", None)
+    else:
+        os.environ["SEGMENTMBTFE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real, public test data); tests that need it skip when it is absent."""

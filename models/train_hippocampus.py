@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="hippocampus/train (images/, labels/)")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/segmentmbtfe_hippocampus_work"))
     p.add_argument("--output-root", type=Path, default=HERE, help="model folder goes to OUTPUT_ROOT/<name>")
+    p.add_argument("--half-weights", action="store_true",
+                   help="store the weights as float16 (half the file; they load into float32 networks as usual)")
+    p.add_argument("--card-only", action="store_true",
+                   help="only rewrite models/<name>/MODEL_CARD.md from its results.json (no training)")
     p.add_argument("--no-eval", action="store_true", help="skip the validation (smoke tests)")
     p.add_argument("--max-eval-cases", type=int, help="evaluate only the first N validation cases (smoke tests)")
     args = p.parse_args(argv)
@@ -224,8 +228,12 @@ def evaluate(model_dir: Path, data_dir: Path, val_ids, threads: int):
     return mean, per_case, seconds / max(len(val_ids), 1)
 
 
-def export_model_folder(trained: Path, target: Path):
-    """dataset.json, plans.json, fold_0/checkpoint_final.pth (optimizer state dropped) + training log."""
+def export_model_folder(trained: Path, target: Path, half_weights: bool = False):
+    """dataset.json, plans.json, fold_0/checkpoint_final.pth (optimizer state dropped) + training log.
+
+    half_weights stores the floating-point weights as float16: `load_state_dict` copies them into the float32
+    network (nnU-Net's predictor and ours alike), so only the file shrinks; the evaluation below runs on
+    the stored weights."""
     import torch
     shutil.rmtree(target, ignore_errors=True)
     (target / f"fold_{FOLD}").mkdir(parents=True)
@@ -234,6 +242,11 @@ def export_model_folder(trained: Path, target: Path):
     source = trained / f"fold_{FOLD}"
     checkpoint = torch.load(source / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     checkpoint.pop("optimizer_state", None)  # nnU-Net needs it only to continue training
+    if half_weights:  # one copy per tensor: the decoder's `encoder.` entries share the encoder's tensors
+        halves = {}
+        checkpoint["network_weights"] = {
+            k: halves.setdefault(v.data_ptr(), v.half()) if v.is_floating_point() else v
+            for k, v in checkpoint["network_weights"].items()}
     torch.save(checkpoint, target / f"fold_{FOLD}" / "checkpoint_final.pth")
     for log in sorted(source.glob("training_log_*.txt"))[-1:]:
         shutil.copyfile(log, target / f"fold_{FOLD}" / "training_log.txt")
@@ -275,17 +288,23 @@ def write_card(args, target: Path, info: dict):
         "```",
         f"- Network: {network}; features per stage {kw['features_per_stage']}, strides {kw['strides']}, "
         f"patch {configuration['patch_size']} (nnU-Net's planner; only the width was set), "
-        f"{info['parameters']:,} parameters.",
+        f"{info['parameters']:,} parameters" + ("; weights stored as float16 to stay under 20 MB (they load into "
+                                                 "the float32 network; the Dice below is of the stored weights)."
+                                                 if info["command"].endswith("--half-weights") else "."),
         f"- Schedule: {args.epochs} epochs x {args.iterations} iterations, batch {args.batch_size} "
         f"({args.epochs * args.iterations * args.batch_size} patches seen; nnU-Net's default is 1000 x 250 x "
         f"batch 9). Everything else nnU-Net's default trainer: Dice + CE with deep supervision, SGD Nesterov "
         f"0.99, lr 0.01 poly decay over these epochs, weight decay 3e-5, nnU-Net's augmentation; "
         f"{args.val_iterations} pseudo-Dice validation iterations per epoch (logged only). Seed {args.seed}.",
+        "- Budget: both shipped hippocampus models (`hippocampus_nnunet`, PlainConvUNet, and `hippocampus_mbtfe`, "
+        "MBTFE-UNet) use this same schedule, data, split, plans, batch and seed: the same number of training "
+        "iterations and patches seen, not the same wall time (MBTFE-UNet's steps take about 3x longer on a CPU).",
         f"- Split: nnU-Net's default 5-fold split (sklearn KFold, shuffle, random_state 12345, over the sorted "
         f"case ids); fold {FOLD} trained on {info['n_train']} cases, {info['n_val']} held out.",
         f"- Hardware and wall time: {info['hardware']}; training {info['train_s'] / 60:.1f} min "
         f"(whole script {info['total_s'] / 60:.1f} min incl. evaluation; fingerprint and preprocessing, about "
-        f"25 s, were {'cached in --work-dir' if info['cached'] else 'included'}).",
+        f"25 s, were {'cached in --work-dir' if info['cached'] else 'included'})." +
+        (f" {info['note']}" if info.get("note") else ""),
         "",
         "## Validation (fold 0, held-out cases)",
         f"Predicted with the SegmentMBTFE engine (`load_model(...).predict`, mirroring TTA, step 0.5, CPU) from "
@@ -309,6 +328,10 @@ def write_card(args, target: Path, info: dict):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.card_only:
+        target = args.output_root.resolve() / args.name
+        write_card(args, target, json.loads((target / "results.json").read_text()))
+        return
     started = time.perf_counter()
     work = args.work_dir.resolve()
     set_environment(work, args.threads)
@@ -324,14 +347,15 @@ def main(argv=None):
     trained, train_s, n_params, trainer_name = train(args, pre)
     print(f"[train_hippocampus] training: {train_s:.1f} s, {n_params} parameters", flush=True)
     target = args.output_root.resolve() / args.name
-    export_model_folder(trained, target)
+    export_model_folder(trained, target, args.half_weights)
     import nnunetv2  # noqa: F401
     from importlib.metadata import version
     info = {"command": "python models/train_hippocampus.py " + " ".join(
         f"{k} {v}" for k, v in (("--network", args.network), ("--name", args.name), ("--epochs", args.epochs),
                                 ("--iterations", args.iterations), ("--val-iterations", args.val_iterations),
                                 ("--features-base", args.features_base), ("--batch-size", args.batch_size),
-                                ("--seed", args.seed), ("--threads", args.threads))),
+                                ("--seed", args.seed), ("--threads", args.threads))) +
+            (" --half-weights" if args.half_weights else ""),
             "trainer": trainer_name, "nnunetv2": version("nnunetv2"), "torch": version("torch"),
             "parameters": n_params, "train_s": train_s, "cached": cached, "n_train": len(split["train"]), "n_val": len(split["val"]),
             "hardware": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, "

@@ -1,20 +1,24 @@
-"""`segment-mbtfe`: segment images and inspect models from a terminal.
+"""`segment-mbtfe`: segment images, fine-tune models on corrected cases, and manage models from a terminal.
 
-    segment-mbtfe predict -m MODEL -i IMAGE [IMAGE ...] -o OUTPUT.nii.gz|.nrrd|.seg.nrrd|.mha
-    segment-mbtfe models info MODEL
+    segment-mbtfe predict [-m MODEL] [--version ID] -i IMAGE [IMAGE ...] -o OUTPUT.nii.gz|.nrrd|.seg.nrrd|.mha
+    segment-mbtfe finetune [-m MODEL] -i CASE_IMAGE... -l CASE_LABELS... [-o NEW_VERSION_DIR] [--iterations N]
+    segment-mbtfe models info|versions [MODEL]
+    segment-mbtfe models use|delete [-m MODEL] VERSION;  models rollback [-m MODEL]
     segment-mbtfe nnunet-trainer register     (lets nnUNetv2_train use -tr nnUNetTrainerMBTFE)
 
+Without -m the default shipped model is used. A model's current version (see `models versions`) is what
+`predict` and `finetune` load unless --version names another; fine-tuning writes a new version and never
+changes the model it started from.
+
 User mistakes end with one line on stderr and a non-zero exit, never a traceback (unless --debug), and
-never a partial output file: outputs are written only after prediction succeeded, atomically.
+never a partial output: outputs (files, version folders) are written only after the work succeeded,
+atomically; Ctrl+C (exit 130) writes nothing.
 """
 import argparse
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
-
-import numpy as np
 
 from .errors import Cancelled, SegmentError
 
@@ -55,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
 
     predict = commands.add_parser("predict", help="segment one case")
-    predict.add_argument("-m", "--model", required=True, help="nnU-Net v2 model folder")
+    predict.add_argument("-m", "--model", help="nnU-Net v2 model folder (default: the shipped default model)")
+    predict.add_argument("--version", metavar="ID",
+                         help="model version to use: original, v1, v2... (default: the current one)")
     predict.add_argument("-i", "--input", nargs="+", required=True, metavar="IMAGE",
                          help="one image per model channel: NIfTI, NRRD, MHA file or DICOM series folder")
     predict.add_argument("-o", "--output", required=True,
@@ -74,15 +80,93 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=_predict)
 
-    models = commands.add_parser("models", help="inspect models").add_subparsers(title="model commands")
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a model on corrected cases: writes a new version, the model is unchanged",
+        description="Fine-tune a model on corrected cases. The result is a new version of the model (listed by "
+                    "`models versions`, made current); the model fine-tuned from is never changed.")
+    finetune.add_argument("-m", "--model", help="nnU-Net v2 model folder (default: the shipped default model)")
+    finetune.add_argument("--version", metavar="ID",
+                          help="version to start from: original, v1... (default: the current one)")
+    finetune.add_argument("-i", "--images", nargs="+", action="extend", required=True, metavar="IMAGE",
+                          help="one image per case; for several channels join one case's files with commas "
+                               "(a_0000.nii.gz,a_0001.nii.gz)")
+    finetune.add_argument("-l", "--labels", nargs="+", action="extend", required=True, metavar="LABELS",
+                          help="the corrected label map of each case, in the order of -i")
+    finetune.add_argument("--val-image", nargs="+", action="extend", default=[], metavar="IMAGE",
+                          help="validation cases (not trained on), as -i")
+    finetune.add_argument("--val-label", nargs="+", action="extend", default=[], metavar="LABELS",
+                          help="label maps of the validation cases")
+    finetune.add_argument("-o", "--output", metavar="NEW_VERSION_DIR",
+                          help="folder for the new version (default: the user's SegmentMBTFE versions folder)")
+    finetune.add_argument("--iterations", type=int, help="training iterations per fold (default 200)")
+    finetune.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
+    finetune.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    finetune.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    finetune.add_argument("--seed", type=int, help="random seed (default 0)")
+    finetune.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    finetune.add_argument("-c", "--configuration", help="configuration of a dataset folder with several")
+    finetune.add_argument("-f", "--folds", nargs="+", help="folds to fine-tune (default: all present)")
+    finetune.add_argument("--no-evaluation", action="store_true",
+                          help="skip measuring Dice on the cases before and after")
+    finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    finetune.set_defaults(run=_finetune)
+
+    models = commands.add_parser("models", help="inspect models and their versions").add_subparsers(
+        title="model commands")
     info = models.add_parser("info", help="labels, channels, configurations, folds, patch size, spacing")
     info.add_argument("model")
     info.add_argument("-c", "--configuration")
     info.set_defaults(run=_info)
 
+    versions = models.add_parser("versions", help="list a model's versions (* marks the current one)")
+    versions.add_argument("model", nargs="?", help="model folder (default: the shipped default model)")
+    _model_options(versions, positional=True)
+    versions.set_defaults(run=_versions)
+    use = models.add_parser("use", help="make a version current: original, v1, v2...")
+    _model_options(use)
+    use.add_argument("version_id", metavar="VERSION")
+    use.set_defaults(run=_use)
+    rollback = models.add_parser("rollback", help="make the current version's parent current")
+    _model_options(rollback)
+    rollback.set_defaults(run=_rollback)
+    delete = models.add_parser("delete", help="delete a version and its folder (never the original)")
+    _model_options(delete)
+    delete.add_argument("version_id", metavar="VERSION")
+    delete.set_defaults(run=_delete)
+
     from .nnunet_trainer.commands import add_parser as add_trainer_commands
     add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
     return parser
+
+
+def _model_options(parser, positional=False):
+    parser.add_argument("-m", "--model", dest="model_option" if positional else "model",
+                        help="model folder (default: the shipped default model)")
+    parser.add_argument("-c", "--configuration", help="configuration of a dataset folder with several")
+
+
+def _chosen_model(args) -> Path:
+    """-m (or the positional MODEL), else the default shipped model."""
+    from .shipped import default_model
+    given = getattr(args, "model_option", None) or getattr(args, "model", None)
+    return Path(given) if given else default_model()
+
+
+def _load_version(args, checkpoint="final"):
+    """(folder to load, Version, note): the note says which model is used when that is not what the user
+    typed (the default model, or a fine-tuned version rather than the folder given), "" otherwise."""
+    from .modelfolder import CHECKPOINTS, checkpoint_filename
+    from .versions import ORIGINAL, resolve
+    model = _chosen_model(args)
+    folder, version = resolve(model, args.version, configuration=args.configuration)
+    if version.id != ORIGINAL and checkpoint_filename(checkpoint) != CHECKPOINTS["final"]:
+        raise SegmentError(f"Version {version.id} holds only final checkpoints; use --version original for "
+                           f"--checkpoint {checkpoint}.")
+    note = ""
+    if not args.model or version.id != ORIGINAL:
+        what = "default model " if not args.model else ""
+        note = f"Using {what}{model}, version {version.id}" + (f" ({version.path})" if version.id != ORIGINAL else "")
+    return folder, version, note
 
 
 def _predict(args):
@@ -95,12 +179,15 @@ def _predict(args):
     started = time.perf_counter()
     volumes = read_channels(args.input)
     previous = read_volume(args.previous_stage) if args.previous_stage else None
-    model = load_model(args.model, args.configuration, args.folds, args.checkpoint)
-    bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
+    folder, version, note = _load_version(args, args.checkpoint)
+    model = load_model(folder, args.configuration, args.folds, args.checkpoint)
+    bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
     prediction = model.predict(volumes, device=args.device, step_size=args.step, tta=not args.no_tta,
                                probabilities=args.probabilities, postprocess=not args.no_postprocessing,
                                previous_stage=previous, progress=bar)
     bar.close()
+    if version.id != "original":  # recorded in .seg.nrrd files with the weights' checksum
+        prediction.settings["version"] = version.id
     for message in prediction.messages:
         print(f"note: {message}", file=sys.stderr)
     written = write_prediction(prediction, output)
@@ -135,20 +222,109 @@ def _info(args):
         print(f"{key:<{width}}  {value}")
 
 
-class _ProgressBar:
-    """A one-line terminal progress bar; Ctrl+C cancels between tiles."""
+def _finetune(args):
+    from .finetune import FinetuneSettings, finetune
+    from .model import load_model
+    from .versions import ModelVersions
 
-    def __init__(self, enabled: bool):
+    if len(args.images) != len(args.labels):
+        raise SegmentError(f"Give one label map per case: {len(args.images)} case image(s) (-i) but "
+                           f"{len(args.labels)} label map(s) (-l).")
+    if len(args.val_image) != len(args.val_label):
+        raise SegmentError(f"Give one label map per validation case: {len(args.val_image)} --val-image but "
+                           f"{len(args.val_label)} --val-label.")
+    started = time.perf_counter()
+    folder, version, note = _load_version(args)
+    model = load_model(folder, args.configuration, args.folds)
+    versions = ModelVersions(folder, configuration=args.configuration)
+    if args.output:
+        versions.check_target(args.output)  # before minutes of training
+    cases = _read_cases(args.images, args.labels)
+    validation = _read_cases(args.val_image, args.val_label)
+    settings = FinetuneSettings(device=args.device, evaluate=not args.no_evaluation,
+                                freeze_encoder=args.freeze_encoder, time_budget_s=args.time_budget)
+    for field_name, value in (("iterations", args.iterations), ("learning_rate", args.lr), ("seed", args.seed)):
+        if value is not None:
+            setattr(settings, field_name, value)
+    # finetune's progress text says the iteration, the loss and the time left
+    bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
+    result = finetune(model, cases, validation, settings, progress=bar)
+    bar.close()
+    new = versions.add(model, result, target=args.output)
+    print(f"Wrote {new.id} of {versions.name} (from {version.id}) to {new.path}; it is now the current version.")
+    for which in ("training", "validation"):
+        before = (result.dice_before.get(which) or {}).get("mean")
+        after = (result.dice_after.get(which) or {}).get("mean")
+        if after is not None:
+            print(f"Dice on the {which} cases: " + (f"{before:.3f} -> " if before is not None else "") + f"{after:.3f}")
+    stopped = f" ({result.stopped})" if result.stopped else ""
+    print(f"{result.iterations} iterations per fold on {len(cases)} case(s){stopped}; "
+          f"{time.perf_counter() - started:.1f} s in all on {result.device}.")
+
+
+def _read_cases(image_specs, label_paths):
+    """finetune.Case objects from the command line's case images ("a.nii.gz" or "a_0000.nii.gz,a_0001.nii.gz")."""
+    from .finetune import Case
+    from .imageio import read_channels, read_volume
+    cases = []
+    for spec, label_path in zip(image_specs, label_paths):
+        channels = [p for p in spec.split(",") if p]
+        images = read_channels(channels)
+        labels = read_volume(label_path)
+        cases.append(Case(Path(channels[0]).name, images, labels))
+    return cases
+
+
+def _versions(args):
+    from .versions import ModelVersions
+    versions = ModelVersions(_chosen_model(args), configuration=args.configuration)
+    print(f"Versions of {versions.name} ({versions.original}):")
+    for version in versions.list():
+        where = f"  {version.path}" if version.id != "original" else ""
+        print(f"{'*' if version.current else ' '} {version.summary()}{where}")
+
+
+def _use(args):
+    from .versions import ModelVersions
+    version = ModelVersions(_chosen_model(args), configuration=args.configuration).use(args.version_id)
+    print(f"Now using {version.summary()}.")
+
+
+def _rollback(args):
+    from .versions import ModelVersions
+    version = ModelVersions(_chosen_model(args), configuration=args.configuration).rollback()
+    print(f"Rolled back; now using {version.summary()}.")
+
+
+def _delete(args):
+    from .versions import ModelVersions
+    versions = ModelVersions(_chosen_model(args), configuration=args.configuration)
+    folder = versions.get(args.version_id).path
+    versions.delete(args.version_id)
+    print(f"Deleted {args.version_id} ({folder}); now using {versions.current().summary()}.")
+
+
+class _ProgressBar:
+    """A one-line terminal progress bar; Ctrl+C cancels between tiles (or training iterations).
+
+    `note` (which model is used) goes to stderr at the first report, that is once the inputs passed the
+    checks: a user error stays the one line on stderr."""
+
+    def __init__(self, enabled: bool, note: str = ""):
         self.enabled = enabled
+        self.note = note
         self._last = 0.0
 
     def __call__(self, fraction: float, stage: str):
+        if self.note:
+            print(self.note, file=sys.stderr, flush=True)
+            self.note = ""
         now = time.monotonic()
         if not self.enabled or (now - self._last < 0.1 and fraction < 1):
             return
         self._last = now
         filled = int(fraction * 30)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:3.0f}% {stage[:60]:<60}")
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:3.0f}% {stage[:70]:<70}")
         sys.stderr.flush()
 
     def close(self):

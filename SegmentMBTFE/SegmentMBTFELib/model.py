@@ -7,6 +7,7 @@
 Prediction runs per fold: preprocess once, slide the window (on the GPU when there is one, falling back
 to CPU-held results and then the CPU on out-of-memory), average the folds' fp16 logits, export.
 """
+import copy
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ class Model:
                              f"(available: {', '.join(available) or 'none'}).")
         checkpoints = [load_checkpoint(folder.checkpoint_path(f, checkpoint)) for f in self.folds]
         self.weights = [c["network_weights"] for c in checkpoints]
+        # everything else each checkpoint holds (trainer name, init args, mirroring axes...), without the
+        # optimizer state: a fine-tuned version is written from these so it loads wherever the original does
+        self.checkpoint_entries = [{k: v for k, v in c.items() if k not in ("network_weights", "optimizer_state")}
+                                   for c in checkpoints]
         self.trainer_name = checkpoints[0].get("trainer_name") or folder.trainer_name or "nnUNetTrainer"
         axes = checkpoints[0].get("inference_allowed_mirroring_axes")
         self.mirror_axes = tuple(int(a) for a in axes) if axes is not None else None
@@ -109,6 +114,16 @@ class Model:
         for fold, weights in zip(self.folds[1:], self.weights[1:]):
             load_weights(network, weights, self.folder.checkpoint_path(fold, self.checkpoint_name))
         return network.eval()
+
+    def with_weights(self, weights: Sequence[dict]) -> "Model":
+        """The same model holding other weights for its folds (a fine-tune's result before it is saved);
+        this model and its files are untouched."""
+        other = copy.copy(self)
+        other.weights = list(weights)
+        other.network = copy.deepcopy(self.network)
+        other.network.load_state_dict(other.weights[0])
+        other._checksum = "unsaved"
+        return other
 
     # -- prediction --------------------------------------------------------------------------------------
     def predict(self, volumes: Sequence[Volume], device="auto", step_size=0.5, tta=True, probabilities=False,

@@ -14,6 +14,7 @@ from .errors import ModelError
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 _FOLD = re.compile(r"^fold_(\d+|all)$")
+NAMED_NETWORKS = {"MBTFEUNet": "MBTFE-UNet"}  # networks named in a model's name
 
 
 def read_json(path: Path) -> dict:
@@ -166,7 +167,11 @@ class ModelFolder:
 
     @property
     def name(self) -> str:
-        return f"{self.plans.get('dataset_name', self.path.parent.name)} ({self.configuration_name})"
+        """'Dataset004_Hippocampus (3d_fullres)'; a network other than nnU-Net's own is named too, so two
+        models of one dataset stay apart (in the panel and in the tags of the segments they make)."""
+        network = str(self.configuration.architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
+        extra = f", {NAMED_NETWORKS[network]}" if network in NAMED_NETWORKS else ""
+        return f"{self.plans.get('dataset_name', self.path.parent.name)} ({self.configuration_name}{extra})"
 
     @property
     def channel_names(self) -> List[str]:

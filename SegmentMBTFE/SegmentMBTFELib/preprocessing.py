@@ -107,6 +107,21 @@ def resampling_kwargs(configuration: Configuration, what: str) -> dict:
             "force_separate_z": kwargs.get("force_separate_z")}
 
 
+def resample_label_map(seg: np.ndarray, new_shape, spacing, target, configuration: Configuration) -> np.ndarray:
+    """A label map resampled as nnU-Net resamples training segmentations: each label's mask linearly,
+    kept where it reaches 0.5 (labels in increasing order, so a later label wins a tie)."""
+    if tuple(seg.shape) == tuple(new_shape):
+        return seg
+    kwargs = resampling_kwargs(configuration, "data")
+    kwargs["order"] = 1
+    out = np.zeros(new_shape, dtype=seg.dtype)
+    for label in np.unique(seg):
+        if label != 0:
+            mask = resample((seg == label).astype(np.float32)[None], new_shape, spacing, target, **kwargs)[0]
+            out[mask >= 0.5] = label
+    return out
+
+
 def _previous_stage_channels(previous, transpose_forward, crop, new_shape, spacing, target, configuration, labels):
     """One-hot channels of the previous cascade stage's label map, cropped and resampled like the image."""
     seg = np.asarray(previous).transpose(transpose_forward)[crop]

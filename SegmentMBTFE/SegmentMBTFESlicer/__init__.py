@@ -6,8 +6,10 @@ terminology   standard (SNOMED CT) terminology for known structure names
 catalog       the models to offer (shipped + added folders), read from JSON only
 dependencies  torch via the PyTorch extension, the rest via pip, never replacing Slicer's packages
 jobs          a segmentation in a worker thread, events to the main thread through a queue
-runner        the steps the Segment button and the console API share
+runner        the steps the Segment and Fine-tune buttons and the console API share
 panel         what the panel shows: Segment button state, progress text, folds
+corrections   corrected segments -> the model's label map (by tags or names; the rest reported, never guessed)
+finetune_panel the Fine-tune section: corrected cases, budget, progress, Dice before/after, model versions
 selftest      a tiny, untrained model folder for the self-test inside Slicer
 
 Nothing here imports torch at import time: Slicer loads the module before PyTorch may be installed.

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-MODULE_DIR = Path(__file__).resolve().parents[1]
-# Source checkout: <repo>/models next to the module folder. Installed extension: CMake copies the same
-# folder into the module's Resources.
-SHIPPED_MODEL_DIRS = (MODULE_DIR.parent / "models", MODULE_DIR / "Resources" / "Models")
+from SegmentMBTFELib.errors import ModelError
+from SegmentMBTFELib.shipped import default_model, shipped_models
+
 SETTINGS_FOLDERS = "SegmentMBTFE/ModelFolders"
 SETTINGS_LAST = "SegmentMBTFE/LastModel"
 CT_WORDS = ("ct", "computed tomography")
@@ -44,19 +43,12 @@ class ModelInfo:
 def available_models(user_folders: Iterable[str] = ()) -> List[ModelInfo]:
     """Shipped models first (sorted), then the user's folders in the order they were added; no duplicates."""
     models, seen = [], set()
-    for root in SHIPPED_MODEL_DIRS:
-        if root.is_dir():
-            for folder in sorted(p for p in root.iterdir() if _holds_model(p)):
-                _add(models, seen, describe(folder, shipped=True))
+    for folder in shipped_models():
+        _add(models, seen, describe(folder, shipped=True))
     for folder in user_folders:
         if Path(folder).is_dir():  # a folder deleted since it was added is dropped, not listed as broken
             _add(models, seen, describe(folder))
     return models
-
-
-def _holds_model(folder: Path) -> bool:
-    """A model folder, or a dataset folder above one (models/ also holds scripts and caches)."""
-    return folder.is_dir() and ((folder / "plans.json").is_file() or any(folder.glob("*/plans.json")))
 
 
 def describe(path, shipped: bool = False) -> ModelInfo:
@@ -70,12 +62,12 @@ def describe(path, shipped: bool = False) -> ModelInfo:
                   if name not in ("background", "ignore") and value not in (0, [0])]
         folds = sorted((p.name[len("fold_"):] for p in trained.glob("fold_*")
                         if any(p.glob("checkpoint_*.pth"))), key=_fold_order)
-        info = ModelInfo(str(path), _model_name(trained, dataset), [channels[k] for k in sorted(channels, key=int)],
+        info = ModelInfo(str(path), _model_name(trained), [channels[k] for k in sorted(channels, key=int)],
                          labels, folds, shipped)
         if not folds:
             info.problem = f"{info.name} has no trained fold (no fold_N/checkpoint_final.pth)."
         return info
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelError) as error:
         return ModelInfo(str(path), path.name, shipped=shipped,
                          problem=f"{path.name} is not a usable nnU-Net model folder ({_reason(error)}).")
 
@@ -90,6 +82,14 @@ def trained_folder(path: Path) -> Path:
     if not trained:
         raise ValueError("no plans.json")
     raise ValueError(f"{len(trained)} trained configurations; add one of them")
+
+
+def default_path() -> str:
+    """The shipped default model's folder ('' when it is not installed): the panel's first choice."""
+    try:
+        return str(default_model())
+    except ModelError:
+        return ""
 
 
 def find(models: List[ModelInfo], wanted: str) -> Optional[ModelInfo]:
@@ -137,15 +137,10 @@ def _add(models, seen, info):
         models.append(info)
 
 
-def _model_name(trained: Path, dataset: dict) -> str:
-    """The engine's name for the model (plans' dataset name and the configuration), which tags its segments."""
-    plans = json.loads((trained / "plans.json").read_text())
-    parts = trained.name.split("__")
-    configurations = list(plans.get("configurations", {}))
-    default = "3d_fullres" if "3d_fullres" in configurations else "".join(configurations[:1]) * (len(configurations) == 1)
-    configuration = parts[2] if len(parts) == 3 else default
-    name = plans.get("dataset_name") or dataset.get("name") or trained.parent.name
-    return f"{name} ({configuration})" if configuration else name
+def _model_name(trained: Path) -> str:
+    """The engine's name for the model, which tags the segments it makes."""
+    from SegmentMBTFELib.modelfolder import ModelFolder
+    return ModelFolder(trained).name
 
 
 def _fold_order(fold: str):

@@ -72,3 +72,10 @@ def test_image(shape=(24, 30, 26)) -> np.ndarray:
     radius = np.sqrt(k ** 2 + (j / 0.8) ** 2 + (i / 0.6) ** 2)
     image = np.where(radius < 0.7, 200.0, 40.0) - np.where(radius < 0.3, 80.0, 0.0)
     return (image + np.random.default_rng(0).normal(0, 10, shape)).astype(np.float32)
+
+
+def test_labels(shape=(24, 30, 26)) -> np.ndarray:
+    """Corrected labels for test_image: the darker core 'anterior' (1), the rest of the ellipsoid 'posterior' (2)."""
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radius = np.sqrt(k ** 2 + (j / 0.8) ** 2 + (i / 0.6) ** 2)
+    return np.where(radius < 0.3, 1, np.where(radius < 0.7, 2, 0)).astype(np.uint8)
