@@ -7,6 +7,7 @@ corrected cases, Dice on the other held-out cases) is benchmarks/bench_finetune.
 """
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def test_bad_cases_get_one_clear_message(tiny, cases):
         (Case("e", [image], empty), "nothing to learn"),
     ]
     for case, words in expectations:
-        with pytest.raises(InputError, match=words):
+        with pytest.raises(InputError, match=re.escape(words)):
             finetune(model, [case], settings=FinetuneSettings(iterations=1, **FAST))
     with pytest.raises(InputError, match="at least one"):
         finetune(model, [], settings=FinetuneSettings(iterations=1))

@@ -226,11 +226,11 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
     planned, losses, stopped, started = settings.iterations, [], "", time.perf_counter()
     for it in range(settings.iterations):
         elapsed = time.perf_counter() - started
-        if budget_s is not None and it >= 3:  # fit the decay to the iterations the budget allows
-            planned = min(settings.iterations, max(it + 1, int(budget_s / (elapsed / it))))
-        if it >= planned:
+        if budget_s is not None and it > 0 and elapsed >= budget_s:
             stopped = f"time budget reached after {it} iterations"
             break
+        if budget_s is not None and it >= 3:  # fit the decay to the iterations the budget allows
+            planned = min(settings.iterations, max(it + 1, int(budget_s / (elapsed / it))))
         for group in optimizer.param_groups:  # nnU-Net's polynomial decay
             group["lr"] = settings.learning_rate * (1 - it / planned) ** 0.9
         x, y = sampler.batch(images_on_device, settings.batch_size)
