@@ -516,14 +516,23 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         except Exception:
             runner.release()
             raise
-        job = None
 
         def work(progress, cancel):
             return runner.predict(self.models, model, inputs.volumes, options, progress, cancel)
 
+        def settle(outcome, job):
+            self._writeResult(outcome, job, inputs, outputSegmentation, show3D)
+        return self._startJob(work, settle, onProgress, onFinished)
+
+    @staticmethod
+    def _startJob(work, settle, onProgress, onFinished) -> SegmentationJob:
+        """Run `work` in a worker thread under the claim the caller took; when it ends, on the main thread,
+        settle(outcome, job) puts its result into the scene, the claim is released, onFinished(outcome) runs."""
+        job = None
+
         def finished(outcome):
             try:
-                self._writeResult(outcome, job, inputs, outputSegmentation, show3D)
+                settle(outcome, job)
             finally:
                 runner.release()
             if onFinished:
@@ -586,22 +595,15 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         except Exception:
             runner.release()
             raise
-        job, written = None, []
+        written = []
 
         def work(progress, cancel):
             return runner.finetune_model(self.models, plan, settings, progress, cancel, make_current=False,
                                          written=written)
 
-        def finished(outcome):
-            try:
-                self._settleVersion(outcome, job, plan, written)
-            finally:
-                runner.release()
-            if onFinished:
-                onFinished(outcome)
-
-        job = SegmentationJob(work, onProgress, finished)
-        return job.start()
+        def settle(outcome, job):
+            self._settleVersion(outcome, job, plan, written)
+        return self._startJob(work, settle, onProgress, onFinished)
 
     def _finetunePlan(self, segmentationNodes, volumeNodes, model):
         if model is None:
