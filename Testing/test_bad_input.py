@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import SimpleITK as sitk
 import torch
 
 import model_factory
+from terminal import interrupt_when
 from SegmentMBTFELib import Cancelled, InputError, load_model
 from SegmentMBTFELib import cli
 from SegmentMBTFELib.imageio import read_volume
@@ -573,44 +573,9 @@ def test_cancel_through_the_python_api(models, good_image):
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal and SIGINT")
 def test_ctrl_c_on_the_command_line_leaves_no_output(models, good_image, out_dir):
     """Ctrl+C (SIGINT) in the middle of the tiles: exit 130, a short note, no output or temporary file."""
-    import pty
-    import select
     output = out_dir / "seg.seg.nrrd"
-    master, slave = pty.openpty()  # a terminal for stderr, so the progress bar shows which stage runs
-    process = subprocess.Popen(cli_command() + ["predict", "-m", str(models["one"]), "-i", str(good_image),
-                                                "-o", str(output), "--step", "0.1", "--probabilities"],
-                               stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
-    os.close(slave)
-    seen = b""
-    try:
-        deadline = time.monotonic() + 60
-        while b"tile" not in seen and time.monotonic() < deadline and process.poll() is None:
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if ready:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:
-                    break
-        assert b"tile" in seen, f"prediction never started: {seen!r}"
-        process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=60)
-        while True:  # the rest of stderr
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if not ready:
-                break
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
-    text = seen.decode(errors="replace")
+    code, text = interrupt_when(cli_command() + ["predict", "-m", str(models["one"]), "-i", str(good_image),
+                                                 "-o", str(output), "--step", "0.1", "--probabilities"], b"tile")
     assert code == cli.EXIT_CANCELLED, text
     assert "Traceback" not in text
     assert "Cancelled" in text and "nothing was written" in text

@@ -8,11 +8,8 @@ tested everywhere). Commands run through `cli.main` in this process and through 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 import model_factory
+from terminal import interrupt_when
 from SegmentMBTFELib import cli, load_model, shipped
 from SegmentMBTFELib.errors import ModelError
 from SegmentMBTFELib.finetune import FinetuneResult, FinetuneSettings
@@ -209,41 +207,10 @@ def test_finetune_refuses_bad_input_before_training(capsys, model, synthetic_cas
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal and SIGINT")
 def test_ctrl_c_during_finetune_writes_nothing(model, synthetic_case, tmp_path, home):
-    import pty
-    import select
     image, labels = synthetic_case
-    master, slave = pty.openpty()  # a terminal for stderr, so the progress bar shows the iterations
-    process = subprocess.Popen(cli_command() + ["finetune", "-m", str(model), "-i", str(image), "-l", str(labels),
-                                                "--iterations", "100000", "--no-evaluation", "-o",
-                                                str(tmp_path / "never")],
-                               stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
-    os.close(slave)
-    seen = b""
-    try:
-        deadline = time.monotonic() + 120
-        while b"iteration 2/" not in seen and time.monotonic() < deadline and process.poll() is None:
-            if select.select([master], [], [], 0.5)[0]:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:
-                    break
-        assert b"iteration 2/" in seen, f"training never started: {seen!r}"
-        process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=60)
-        while select.select([master], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        os.close(master)
-    text = seen.decode(errors="replace")
+    code, text = interrupt_when(cli_command() + ["finetune", "-m", str(model), "-i", str(image), "-l", str(labels),
+                                                 "--iterations", "100000", "--no-evaluation", "-o",
+                                                 str(tmp_path / "never")], b"iteration 2/", timeout=120)
     assert code == cli.EXIT_CANCELLED, text
     assert "Traceback" not in text and "nothing was written" in text
     assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))
