@@ -22,8 +22,8 @@ DATA = Path(__file__).parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 HIPPOCAMPUS_LABEL = DATA / "hippocampus" / "train" / "labels" / "hippocampus_001.nii.gz"
 SLICERIO_DATA = Path(slicerio.__file__).parent / "data"
-HIPPOCAMPUS_TERMS = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
-                     "Structure~SCT^5976007^Hippocampus~^^~Anatomic codes - DICOM master list~^^~^^")
+HIPPOCAMPUS_TERMS = ("Segmentation category and type - SegmentMBTFE~SCT^123037004^Anatomical "
+                     "Structure~SCT^5366008^Hippocampus~^^~Anatomic codes - DICOM master list~^^~^^")
 
 
 def hippocampus_segments():
@@ -66,7 +66,7 @@ def test_slicerio_reads_segments_geometry_and_voxels(tmp_path):
     assert [s["layer"] for s in segments] == [0, 0]
     assert segments[0]["color"] == pytest.approx(segment_colors(1)[0], abs=1e-6)
     assert segments[1]["color"] == pytest.approx([0.2, 0.4, 0.9])
-    assert segments[0]["terminology"]["type"] == ["SCT", "5976007", "Hippocampus"]
+    assert segments[0]["terminology"]["type"] == ["SCT", "5366008", "Hippocampus"]
     np.testing.assert_allclose(segmentation["ijkToLPS"], ijk_to_lps(labels), atol=1e-12)
     np.testing.assert_array_equal(slicerio_voxels(segmentation), labels.array)
     assert segmentation["masterRepresentation"] == "Binary labelmap"

@@ -134,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("version_id", metavar="VERSION")
     delete.set_defaults(run=_delete)
 
+    worker = commands.add_parser(
+        "worker", help="serve the Slicer module: JSON requests on stdin, replies on stdout (see worker.py)")
+    worker.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="exit after this long without a request (600)")
+    worker.set_defaults(run=lambda args: __import__(f"{__package__}.worker", fromlist=["main"]).main(
+        args.idle_timeout))
+
     from .nnunet_trainer.commands import add_parser as add_trainer_commands
     add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
     return parser
@@ -152,26 +159,23 @@ def _chosen_model(args) -> Path:
     return Path(given) if given else default_model()
 
 
-def _load_version(args, checkpoint="final"):
-    """(folder to load, Version, note): the note says which model is used when that is not what the user
-    typed (the default model, or a fine-tuned version rather than the folder given), "" otherwise."""
-    from .modelfolder import CHECKPOINTS, checkpoint_filename
-    from .versions import ORIGINAL, resolve
-    model = _chosen_model(args)
-    folder, version = resolve(model, args.version, configuration=args.configuration)
-    if version.id != ORIGINAL and checkpoint_filename(checkpoint) != CHECKPOINTS["final"]:
-        raise SegmentError(f"Version {version.id} holds only final checkpoints; use --version original for "
-                           f"--checkpoint {checkpoint}.")
+def _open_model(args, folds=None, checkpoint="final"):
+    """(Model, Version, note): the note says which model is used when that is not what the user typed
+    (the default model, or a fine-tuned version rather than the folder given), "" otherwise."""
+    from .tasks import open_model
+    from .versions import ORIGINAL
+    path = _chosen_model(args)
+    model, version = open_model(path, args.version, args.configuration, folds, checkpoint)
     note = ""
     if not args.model or version.id != ORIGINAL:
         what = "default model " if not args.model else ""
-        note = f"Using {what}{model}, version {version.id}" + (f" ({version.path})" if version.id != ORIGINAL else "")
-    return folder, version, note
+        note = f"Using {what}{path}, version {version.id}" + (f" ({version.path})" if version.id != ORIGINAL else "")
+    return model, version, note
 
 
 def _predict(args):
     from .imageio import read_channels, read_volume
-    from .model import load_model
+    from .tasks import predict
     from .writers import output_format, write_prediction
 
     output = Path(args.output)
@@ -179,15 +183,11 @@ def _predict(args):
     started = time.perf_counter()
     volumes = read_channels(args.input)
     previous = read_volume(args.previous_stage) if args.previous_stage else None
-    folder, version, note = _load_version(args, args.checkpoint)
-    model = load_model(folder, args.configuration, args.folds, args.checkpoint)
+    model, version, note = _open_model(args, args.folds, args.checkpoint)
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
-    prediction = model.predict(volumes, device=args.device, step_size=args.step, tta=not args.no_tta,
-                               probabilities=args.probabilities, postprocess=not args.no_postprocessing,
-                               previous_stage=previous, progress=bar)
+    prediction = predict(model, version, volumes, args.device, args.step, not args.no_tta, args.probabilities,
+                         not args.no_postprocessing, previous, progress=bar)
     bar.close()
-    if version.id != "original":  # recorded in .seg.nrrd files with the weights' checksum
-        prediction.settings["version"] = version.id
     for message in prediction.messages:
         print(f"note: {message}", file=sys.stderr)
     written = write_prediction(prediction, output)
@@ -223,8 +223,8 @@ def _info(args):
 
 
 def _finetune(args):
-    from .finetune import FinetuneSettings, finetune
-    from .model import load_model
+    from .finetune import FinetuneSettings
+    from .tasks import finetune_version
     from .versions import ModelVersions
 
     if len(args.images) != len(args.labels):
@@ -234,11 +234,7 @@ def _finetune(args):
         raise SegmentError(f"Give one label map per validation case: {len(args.val_image)} --val-image but "
                            f"{len(args.val_label)} --val-label.")
     started = time.perf_counter()
-    folder, version, note = _load_version(args)
-    model = load_model(folder, args.configuration, args.folds)
-    versions = ModelVersions(folder, configuration=args.configuration)
-    if args.output:
-        versions.check_target(args.output)  # before minutes of training
+    model, version, note = _open_model(args, args.folds)
     cases = _read_cases(args.images, args.labels)
     validation = _read_cases(args.val_image, args.val_label)
     settings = FinetuneSettings(device=args.device, evaluate=not args.no_evaluation,
@@ -248,10 +244,11 @@ def _finetune(args):
             setattr(settings, field_name, value)
     # finetune's progress text says the iteration, the loss and the time left
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
-    result = finetune(model, cases, validation, settings, progress=bar)
+    new, result = finetune_version(model, model.folder.path, cases, validation, settings, progress=bar,
+                                   target=args.output, configuration=args.configuration)
     bar.close()
-    new = versions.add(model, result, target=args.output)
-    print(f"Wrote {new.id} of {versions.name} (from {version.id}) to {new.path}; it is now the current version.")
+    name = ModelVersions(model.folder.path, configuration=args.configuration).name
+    print(f"Wrote {new.id} of {name} (from {version.id}) to {new.path}; it is now the current version.")
     for which in ("training", "validation"):
         before = (result.dice_before.get(which) or {}).get("mean")
         after = (result.dice_after.get(which) or {}).get("mean")

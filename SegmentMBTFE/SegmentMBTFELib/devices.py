@@ -45,14 +45,17 @@ class DevicePlan:
         return contextlib.nullcontext()
 
 
+RESULTS_ON_CPU = "GPU memory ran out; retrying with the results kept on the CPU."
+ALL_ON_CPU = "GPU memory ran out again; retrying entirely on the CPU (slower)."
+FALLBACK_MESSAGES = (RESULTS_ON_CPU, ALL_ON_CPU)  # reported as they happen (the Slicer worker relays them)
+
+
 def device_plans(device: torch.device):
     """The plans to try in order: all on the GPU; logits summed on the CPU; everything on the CPU."""
     if device.type != "cuda":
         return [DevicePlan(device, torch.device("cpu"))]
     cpu = torch.device("cpu")
-    return [DevicePlan(device, device),
-            DevicePlan(device, cpu, "GPU memory ran out; retrying with the results kept on the CPU."),
-            DevicePlan(cpu, cpu, "GPU memory ran out again; retrying entirely on the CPU (slower).")]
+    return [DevicePlan(device, device), DevicePlan(device, cpu, RESULTS_ON_CPU), DevicePlan(cpu, cpu, ALL_ON_CPU)]
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -7,6 +7,7 @@ import numpy as np
 from .errors import InputError
 from .imageio import WRITE_EXTENSIONS, atomic_output, write_volume
 from .segfile import Segment, write_seg_nrrd
+from .terminology import terminology_for
 
 SEG_NRRD = ".seg.nrrd"
 
@@ -21,10 +22,12 @@ def output_format(path) -> str:
     raise InputError(f"Cannot write {Path(path).name}: give a .nii.gz, .nii, .nrrd, .mha or .seg.nrrd file name.")
 
 
-def write_prediction(prediction, path, terminology=None) -> List[Path]:
+def write_prediction(prediction, path, terminology=terminology_for) -> List[Path]:
     """Write the label map (and probabilities, when predicted) and return the files written.
 
-    terminology: optional `(segment name, model name) -> Slicer terminology string or None` for .seg.nrrd.
+    terminology: `(segment name, model name) -> Slicer terminology string or None` for .seg.nrrd; by default
+    our standard terminology, so a file from the command line carries the same codes as one from Slicer.
+    None writes none.
     """
     path = Path(path)
     if output_format(path) == "segmentation":

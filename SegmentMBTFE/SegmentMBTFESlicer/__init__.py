@@ -2,7 +2,7 @@
 
 volumes       volume nodes <-> engine Volumes (RAS <-> LPS)
 segmentation  a label map into a segmentation node, replacing only this model's segments; provenance
-terminology   standard (SNOMED CT) terminology for known structure names
+terminology   loads our terminology context into Slicer (names and codes are the engine's terminology)
 catalog       the models to offer (shipped + added folders), read from JSON only
 dependencies  torch via the PyTorch extension, the rest via pip, never replacing Slicer's packages
 jobs          a segmentation in a worker thread, events to the main thread through a queue

@@ -106,6 +106,25 @@ def ensure(confirm: Callable[[str], bool], pip_install: Callable[[List[str]], No
         pip_install(pip_arguments(others))
 
 
+_installing = [False]  # an install pumps Qt events (pip, PyTorchUtils): a second one must not start meanwhile
+
+
+def ensure_in_slicer(ask_confirmation: bool = True) -> None:
+    """`ensure` with Slicer's pip and PyTorch extension; refuses to start while an install is under way."""
+    status = check()
+    if status.ready:
+        return
+    if _installing[0]:
+        raise DependencyError("SegmentMBTFE's Python packages are being installed; wait for it to finish.")
+    import slicer
+    confirm = slicer.util.confirmOkCancelDisplay if ask_confirmation else (lambda text: True)
+    _installing[0] = True
+    try:
+        ensure(confirm, slicer.util.pip_install, torch_utils_module(), status=status)
+    finally:
+        _installing[0] = False
+
+
 def install_torch(torch_utils) -> None:
     """PyTorch through the PyTorch extension (the build for this GPU and driver), or a clear instruction."""
     if torch_utils is None:

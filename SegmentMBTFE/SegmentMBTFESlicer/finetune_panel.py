@@ -1,17 +1,17 @@
 """The panel's Fine-tune section: corrected segmentation in, new model version out, versions to choose from.
 
-    section = FinetuneSection(widget)   # the SegmentMBTFEWidget whose .ui holds the section's widgets
+    section = FinetuneSection(ui, segmentSection, logic, jobs)   # jobs: the panel's JobController
     section.setup()
 
-It fine-tunes the model chosen in the panel's model selector, on the segmentation the user corrected (by
+It fine-tunes the model chosen in the Segment section's model selector, on the segmentation the user corrected (by
 default the one Segment just made) and the volume it was drawn on (by default its reference volume; for a
 model with several channels, the panel's input volumes), together with the cases added to the case list.
-Like Segment, the run is a background job polled by a timer, with progress and Cancel, and only one
+Like Segment, the run is a job for the worker process, with progress and Cancel, and only one
 segmentation or fine-tune runs at a time. A finished run writes a new version and makes it current, so the
 next Segment uses it; the version list can use an older one again, roll back, or delete versions. The
 original model is never modified, and the user's segments are only read.
 
-Qt calls are the ones that behave alike in PythonQt and PySide6 (see SegmentMBTFE.py).
+Qt calls are the ones that behave alike in PythonQt and PySide6 (see segment_panel.py).
 """
 import logging
 import traceback
@@ -21,7 +21,7 @@ import qt
 
 import slicer
 
-from . import corrections, runner
+from . import corrections, jobs, logic, panel, runner
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,8 @@ def version_text(version) -> str:
 # ------------------------------------------------------------------------------------------ the section
 
 class FinetuneSection:
-    def __init__(self, widget):
-        self.widget = widget
-        self.ui = widget.ui
-        self.job = None
+    def __init__(self, ui, segmentSection, logic_, jobs_):
+        self.ui, self.segment, self.logic, self.jobs = ui, segmentSection, logic_, jobs_
         self._versions = []              # versions.Version, in the list's order
         self._labels = {}                # model path -> (engine model name, [(value, label name)])
         self._observed = None, []        # (segmentation node, observer tags): segments added, removed, renamed
@@ -89,9 +87,6 @@ class FinetuneSection:
         ui.finetuneCollapsibleButton.setProperty("collapsed", True)
         ui.finetuneSegmentationSelector.setMRMLScene(slicer.mrmlScene)
         ui.finetuneVolumeSelector.setMRMLScene(slicer.mrmlScene)
-        self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(100)
-        self.pollTimer.timeout.connect(self.onPoll)
         ui.finetuneSegmentationSelector.currentNodeChanged.connect(self.onSegmentationChanged)
         ui.finetuneVolumeSelector.currentNodeChanged.connect(lambda node: self.updateButtons())
         ui.addFinetuneCaseButton.clicked.connect(self.onAddCase)
@@ -103,28 +98,22 @@ class FinetuneSection:
         ui.useVersionButton.clicked.connect(self.onUseVersion)
         ui.rollbackButton.clicked.connect(self.onRollback)
         ui.deleteVersionButton.clicked.connect(self.onDeleteVersion)
+        self.segment.onModelChanged.append(self.modelChanged)
+        self.segment.onSegmented.append(self.segmented)
+        self.jobs.subscribe(self.updateButtons)
         self.onSegmentationChanged(ui.finetuneSegmentationSelector.currentNode())
 
     def cleanup(self) -> None:
-        if self.job is not None:
-            self.job.cancel()  # and let it end, so the application-wide "running" flag is released
-            try:
-                self.job.wait(timeout=60)
-            except TimeoutError:
-                log.warning("SegmentMBTFE: the cancelled fine-tune did not stop within 60 s")
-        self.pollTimer.stop()
         self._observe(None)
 
     def sceneClosing(self) -> None:
-        """The scene is being closed: a running fine-tune stops (no version is written), the case list empties."""
-        if self.job is not None:
-            self.job.cancel()
+        """The scene is being closed (the panel cancels a running job): the case list empties."""
         self._cases = []
         self.ui.finetuneCasesList.clear()
 
     @property
     def running(self) -> bool:
-        return self.job is not None
+        return self.jobs.kind == "fine-tune"
 
     # -- what to fine-tune ---------------------------------------------------------------------------------
     def modelChanged(self) -> None:
@@ -156,9 +145,9 @@ class FinetuneSection:
         self._observed = node, tags
 
     def caseVolumes(self) -> list:
-        model = self.widget.currentModel()
+        model = self.segment.currentModel()
         if model is not None and len(model.channels) > 1:
-            return self.widget.inputVolumes()
+            return self.segment.inputVolumes()
         return [self.ui.finetuneVolumeSelector.currentNode()]
 
     def cases(self):
@@ -199,7 +188,7 @@ class FinetuneSection:
 
     def refreshMatch(self) -> None:
         """Which segments stand for which labels, and which are not used, as the user picks and edits."""
-        model, node = self.widget.currentModel(), self.ui.finetuneSegmentationSelector.currentNode()
+        model, node = self.segment.currentModel(), self.ui.finetuneSegmentationSelector.currentNode()
         text, self._matchProblem = "", ""
         if model is not None and not model.problem and node is not None:
             try:
@@ -208,7 +197,7 @@ class FinetuneSection:
                 text = matching.summary()
                 self._matchProblem = " ".join(matching.problems)
             except Exception as error:  # noqa: BLE001 - an unreadable model is shown, not raised
-                text = self._matchProblem = self.widget.errorText(error)
+                text = self._matchProblem = panel.one_line(error)
         self.ui.finetuneMatchLabel.setText(text)
         self.updateButtons()
 
@@ -220,12 +209,11 @@ class FinetuneSection:
         return self._labels[path]
 
     def updateButtons(self) -> None:
-        busy = self.running or self.widget._job is not None
-        enabled, toolTip = button_state(self.widget.currentModel(), self.ui.finetuneSegmentationSelector.currentNode(),
-                                        self.caseVolumes(), busy, self._matchProblem)
+        enabled, toolTip = button_state(self.segment.currentModel(), self.ui.finetuneSegmentationSelector.currentNode(),
+                                        self.caseVolumes(), self.jobs.busy, self._matchProblem)
         self.ui.finetuneButton.setEnabled(enabled)
         self.ui.finetuneButton.setToolTip(toolTip)
-        self.ui.finetuneCancelButton.setEnabled(self.running and not self.job.cancelling)
+        self.ui.finetuneCancelButton.setEnabled(self.running and self.jobs.job is not None and not self.jobs.cancelling)
         volumes = self.caseVolumes()
         self.ui.addFinetuneCaseButton.setEnabled(self.ui.finetuneSegmentationSelector.currentNode() is not None
                                                  and bool(volumes) and all(v is not None for v in volumes))
@@ -235,60 +223,54 @@ class FinetuneSection:
 
     # -- running ----------------------------------------------------------------------------------------------
     def onFinetuneButton(self) -> None:
-        if self.running or self.widget._job is not None or runner.is_running():
-            self.ui.finetuneStatusLabel.setText(runner.busy_message())
-            return
-        model = self.widget.currentModel()
+        model = self.segment.currentModel()
         if model is None:
             return
-        ui = self.ui
         self.refreshCases()
         try:
-            self.widget.logic.ensureDependencies()
-            minutes = float(ui.finetuneMinutesSpinBox.property("value"))
-            segmentations, volumes = self.cases()
-            self.job = self.widget.logic.startFinetune(
-                segmentations, volumes, model.path,
-                iterations=int(ui.finetuneIterationsSpinBox.property("value")), minutes=minutes or None,
-                learningRate=float(ui.finetuneLearningRateSpinBox.property("value")),
-                freezeEncoder=ui.freezeEncoderCheckBox.isChecked(), device=self.widget.device(),
-                onProgress=self.onProgress, onFinished=self.onFinished)
+            self.jobs.start("fine-tune", lambda onProgress, onFinished: self._begin(model, onProgress, onFinished),
+                            self.onProgress, self.onFinished)
+        except jobs.Busy as refusal:  # another segmentation or fine-tune runs (panel or console)
+            self.ui.finetuneStatusLabel.setText(str(refusal))
         except Exception as error:  # noqa: BLE001 - every failure ends in a message box, never silently
-            ui.finetuneStatusLabel.setText(f"Failed: {self.widget.errorText(error)}")
-            self.widget.showError(error, traceback.format_exc(), title="Fine-tuning failed")
-            return
+            self.ui.finetuneStatusLabel.setText(f"Failed: {panel.one_line(error)}")
+            panel.show_error(error, traceback.format_exc(), title="Fine-tuning failed")
+
+    def _begin(self, model, onProgress, onFinished):
+        """Under the busy flag: packages, the corrected cases copied out of the scene, then the job."""
+        ui = self.ui
+        self.logic.ensureDependencies()
+        minutes = float(ui.finetuneMinutesSpinBox.property("value"))
+        segmentations, volumes = self.cases()
+        plan = runner.prepare_finetune(segmentations, volumes, model.path)
+        settings = runner.finetune_settings(
+            int(ui.finetuneIterationsSpinBox.property("value")), minutes or None,
+            float(ui.finetuneLearningRateSpinBox.property("value")), ui.freezeEncoderCheckBox.isChecked(),
+            self.segment.device())
         ui.finetuneProgressBar.setValue(0)
         ui.finetuneStatusLabel.setText("Starting...")
         ui.finetuneResultLabel.setText("")
-        self._busyChanged()
-        self.pollTimer.start()
+        return logic.start_finetune(plan, settings, on_progress=onProgress, on_finished=onFinished, claimed=True)
 
     def onCancelButton(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
+        if self.running:
+            self.jobs.cancel()
             self.ui.finetuneStatusLabel.setText("Cancelling (stops after the current iteration)...")
-            self.updateButtons()
-
-    def onPoll(self) -> None:
-        if self.job is not None:
-            self.job.poll()
 
     def onProgress(self, fraction: float, stage: str) -> None:
         self.ui.finetuneProgressBar.setValue(int(round(100 * fraction)))
         self.ui.finetuneStatusLabel.setText(progress_text(fraction, stage))
 
     def onFinished(self, outcome) -> None:
-        """Main thread, from onPoll: the new version is written and current (or nothing was written)."""
-        self.job = None
-        self.pollTimer.stop()
+        """The new version is written and current (or nothing was written)."""
         ui = self.ui
         if outcome.cancelled:
             ui.finetuneProgressBar.setValue(0)
             ui.finetuneStatusLabel.setText("Cancelled: no version was written.")
         elif outcome.error is not None:
             ui.finetuneProgressBar.setValue(0)
-            ui.finetuneStatusLabel.setText(f"Failed: {self.widget.errorText(outcome.error)}")
-            self.widget.showError(outcome.error, outcome.details, title="Fine-tuning failed")
+            ui.finetuneStatusLabel.setText(f"Failed: {panel.one_line(outcome.error)}")
+            panel.show_error(outcome.error, outcome.details, title="Fine-tuning failed")
         else:
             run = outcome.result
             ui.finetuneProgressBar.setValue(100)
@@ -296,15 +278,10 @@ class FinetuneSection:
             ui.finetuneStatusLabel.setText(
                 f"Done in {outcome.seconds:.0f} s: {run.version.id} is the current version now (Segment uses it).")
         self.refreshVersions()
-        self._busyChanged()
-
-    def _busyChanged(self) -> None:
-        self.updateButtons()
-        self.widget.updateButtonState()
 
     # -- versions ------------------------------------------------------------------------------------------
     def modelVersions(self):
-        model = self.widget.currentModel()
+        model = self.segment.currentModel()
         if model is None or model.problem:
             return None
         from SegmentMBTFELib.versions import ModelVersions
@@ -318,7 +295,7 @@ class FinetuneSection:
             versions = self.modelVersions()
             self._versions = versions.list() if versions is not None else []
         except Exception as error:  # noqa: BLE001 - e.g. an unreadable version list: say so in the list
-            ui.versionsList.addItem(self.widget.errorText(error))
+            ui.versionsList.addItem(panel.one_line(error))
         for row, version in enumerate(self._versions):
             item = qt.QListWidgetItem(version_text(version))
             item.setToolTip(str(version.path))
@@ -334,7 +311,7 @@ class FinetuneSection:
     def updateVersionButtons(self) -> None:
         selected = self.selectedVersion()
         current = next((v for v in self._versions if v.current), None)
-        idle = not self.running and self.widget._job is None
+        idle = not self.jobs.busy
         self.ui.useVersionButton.setEnabled(idle and selected is not None and not selected.current
                                             and not selected.problem)
         self.ui.rollbackButton.setEnabled(idle and current is not None and not current.read_only)
@@ -351,7 +328,7 @@ class FinetuneSection:
     def onDeleteVersion(self) -> None:
         selected = self.selectedVersion()
         if selected is None or not self.confirmDelete(
-                f"Delete {selected.id} of {self.widget.currentModel().name}? Its folder ({selected.path}) is "
+                f"Delete {selected.id} of {self.segment.currentModel().name}? Its folder ({selected.path}) is "
                 "removed; segments it made stay."):
             return
         self._changeVersions(lambda versions: versions.delete(selected.id) or versions.current(),
@@ -361,7 +338,7 @@ class FinetuneSection:
         try:
             version = change(self.modelVersions())
         except Exception as error:  # noqa: BLE001 - e.g. a damaged version cannot be used
-            self.widget.showError(error, traceback.format_exc(), title="Model versions")
+            panel.show_error(error, traceback.format_exc(), title="Model versions")
             return
         finally:
             self.refreshVersions()

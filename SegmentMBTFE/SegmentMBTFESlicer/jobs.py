@@ -1,20 +1,34 @@
-"""A segmentation running in a worker thread, talking to the main thread only through a queue.
+"""A job: one request to the worker process, seen from Slicer's main thread, and the application-wide busy flag.
 
-MRML and Qt objects belong to the main thread, so the worker never touches them: it runs the engine on
-plain arrays and puts events (progress, result, error) in a `queue.Queue`; the panel drains the queue
-from a QTimer on the main thread (`poll`), where it updates widgets and writes the result into the scene.
-Cancelling sets a `threading.Event` that the engine checks at every tile, so it stops within one tile and
-nothing is written.
+    job = Job(kind, request, folder, settle, on_progress, on_finished).start()
+
+The job owns a private folder where its input volumes were written (exchange.py) and where the worker
+writes results; the folder is removed when the job ends, however it ends. Messages from the worker arrive
+as Qt events on the main thread (worker.py): progress goes to on_progress(fraction, text); a result is
+handed to settle(message, folder), which turns it into the job's result on the main thread (for Segment:
+segments written into the scene) unless the job was cancelled meanwhile (then discard(message) takes back
+what the worker made, e.g. a fine-tuned version); on_finished(outcome) is called
+exactly once. Cancel asks the worker to stop (it does within one tile or training iteration); a worker
+that does not answer within 2 s is killed. Either way nothing is settled, so nothing reaches the scene.
 """
 import logging
-import queue
-import threading
+import shutil
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import qt
+
+import slicer
+
+from SegmentMBTFELib import errors
+
+from . import worker as workers
 
 log = logging.getLogger(__name__)
+CANCEL_GRACE_MS = 2000   # a worker that has not stopped this long after Cancel is killed
+_busy = {"task": None}   # the application-wide "a model runs" flag: one job at a time (one GPU, two cores...)
 
 
 @dataclass
@@ -25,90 +39,188 @@ class Outcome:
     details: str = ""          # traceback text of an unexpected error, for the log
     cancelled: bool = False
     seconds: float = 0.0
+    messages: List[str] = field(default_factory=list)   # fallbacks the worker took (GPU out of memory, ...)
 
 
-class SegmentationJob:
-    """`work(progress, cancel)` runs in a thread; `poll()` (main thread) delivers its events to the callbacks.
+class Busy(errors.SegmentError):
+    """Another segmentation or fine-tune runs: only one at a time in the application."""
 
-    on_progress(fraction, text) is called with the latest progress only (a burst of tiles between two
-    polls shows as one update); on_finished(outcome) is called exactly once.
-    """
 
-    def __init__(self, work: Callable, on_progress: Callable[[float, str], None] = None,
-                 on_finished: Callable[[Outcome], None] = None):
-        self._work = work
+class WorkerDied(errors.SegmentError):
+    """The worker process ended in the middle of a job (crash, killed for memory)."""
+
+
+class EngineBug(Exception):
+    """An unexpected error inside the worker: its class name, message and traceback, as the worker sent them."""
+
+    def __init__(self, kind: str, message: str, details: str = ""):
+        super().__init__(message)
+        self.kind, self.details = kind, details
+
+
+# ------------------------------------------------------------------------------------- the busy flag
+
+def claim(task: str = "segmentation") -> None:
+    """Take the application-wide flag (task: "segmentation" or "fine-tune"); refuse when it is taken."""
+    if _busy["task"] is not None:
+        raise Busy(busy_message())
+    _busy["task"] = task
+
+
+def release() -> None:
+    _busy["task"] = None
+
+
+def is_running() -> bool:
+    return _busy["task"] is not None
+
+
+def busy_message() -> str:
+    return f"A {_busy['task'] or 'segmentation'} is already running; wait for it to finish or cancel it first."
+
+
+def error_from(message: dict) -> BaseException:
+    """The exception a worker's error message stands for: the engine's own error classes for the user's
+    problems (one sentence), EngineBug for anything else."""
+    kind, text = str(message.get("class", "Exception")), str(message.get("message", ""))
+    known = getattr(errors, kind, None)
+    if isinstance(known, type) and issubclass(known, errors.SegmentError):
+        return known(text)
+    return EngineBug(kind, text, str(message.get("details", "")))
+
+
+# ------------------------------------------------------------------------------------------------- the job
+
+class Job:
+    def __init__(self, kind: str, request: dict, folder: Optional[str] = None,
+                 settle: Callable[[dict, str], Any] = None, on_progress: Callable[[float, str], None] = None,
+                 on_finished: Callable[[Outcome], None] = None, worker: workers.WorkerProcess = None,
+                 claimed: bool = True, discard: Callable[[dict], None] = None):
+        self.kind = kind
+        self.request = request
+        self.folder = folder
+        self._settle = settle
         self._on_progress = on_progress
         self._on_finished = on_finished
-        self._events: "queue.Queue" = queue.Queue()
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="SegmentMBTFE worker", daemon=True)
-        self._finished = False
+        self._discard = discard     # undoes a result that arrives after Cancel (a version written meanwhile)
+        self.worker = worker or workers.shared()
+        self._claimed = claimed     # release the busy flag when done
+        self.id = None
+        self.outcome = None
+        self.reply = None           # the worker's result message, as it came
+        self.messages = []
+        self._cancel_time = None
         self._started = 0.0
 
-    # -- main thread ---------------------------------------------------------------------------------------
-    def start(self) -> "SegmentationJob":
+    # -- main thread -----------------------------------------------------------------------------------
+    def start(self) -> "Job":
         self._started = time.perf_counter()
-        self._thread.start()
+        try:
+            self.id = self.worker.submit(self, self.request)
+        except BaseException:
+            self._cleanup()
+            raise
         return self
 
     def cancel(self) -> None:
-        self._cancel.set()
+        """Ask the worker to stop; kill it if it has not stopped within CANCEL_GRACE_MS."""
+        if self.finished or self.cancelling:
+            return
+        self._cancel_time = time.perf_counter()
+        self.worker.cancel(self.id)
+        qt.QTimer.singleShot(CANCEL_GRACE_MS, self._endUnanswered)
 
     @property
     def cancelling(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel_time is not None
 
     @property
     def finished(self) -> bool:
-        """True once on_finished has been delivered by poll()."""
-        return self._finished
+        return self.outcome is not None
 
     def poll(self) -> bool:
-        """Deliver queued events; returns True while the job still runs (or has undelivered events)."""
-        latest_progress, outcome = None, None
-        while True:
-            try:
-                kind, payload = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "progress":
-                latest_progress = payload
-            else:
-                outcome = payload
-        if latest_progress is not None and self._on_progress and not self._finished:
-            self._on_progress(*latest_progress)
-        if outcome is not None and not self._finished:
-            self._finished = True
-            if self._on_finished:
-                self._on_finished(outcome)
-        return not self._finished
+        """Handle what the worker sent so far; True while the job runs (its events also arrive by themselves)."""
+        self.worker.waitForMessages(0)
+        return not self.finished
 
-    def wait(self, timeout: float = None, interval: float = 0.05) -> Outcome:
-        """Block (polling) until the job ends; for the console and tests."""
+    def wait(self, cancel=None, timeout: float = None) -> Outcome:
+        """Block until the job ends (console calls), keeping Slicer painting; `cancel` (a threading.Event)
+        set meanwhile cancels it."""
         deadline = None if timeout is None else time.perf_counter() + timeout
-        captured = []
-        callback = self._on_finished
-        self._on_finished = lambda outcome: (captured.append(outcome), callback and callback(outcome))
-        while self.poll():
-            if deadline is not None and time.perf_counter() > deadline:
-                raise TimeoutError("the segmentation did not finish in time")
-            time.sleep(interval)
-        return captured[0] if captured else Outcome()
+        while not self.finished:
+            if cancel is not None and cancel.is_set():
+                self.cancel()
+            self.worker.waitForMessages(50)
+            slicer.app.processEvents()
+            if self.cancelling and time.perf_counter() - self._cancel_time >= CANCEL_GRACE_MS / 1000.0:
+                self._endUnanswered()
+            if deadline is not None and time.perf_counter() > deadline and not self.finished:
+                raise TimeoutError(f"the {self.kind} did not finish in time")
+        return self.outcome
 
-    # -- worker thread ---------------------------------------------------------------------------------------
-    def _run(self):
-        from SegmentMBTFELib.errors import Cancelled  # the engine imports torch: only ever in a running job
-        outcome = Outcome()
+    # -- from the worker (main thread, through worker.py) --------------------------------------------------
+    def receive(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "progress":
+            if self._on_progress and not self.cancelling:
+                self._on_progress(float(message.get("fraction", 0.0)), str(message.get("stage", "")))
+        elif kind == "fallback":
+            self.messages.append(str(message.get("message", "")))
+            log.warning("SegmentMBTFE: %s", message.get("message"))
+        elif kind == "cancelled":
+            self._finish(Outcome(cancelled=True))
+        elif kind == "error":
+            error = error_from(message)
+            self._finish(Outcome(error=error, details=getattr(error, "details", "")))
+        elif kind == "result":
+            self.reply = message
+            self._finish(self._settled(message))
+
+    def workerDied(self, text: str) -> None:
+        self._finish(Outcome(cancelled=True) if self.cancelling else Outcome(error=WorkerDied(text)))
+
+    def resubmitted(self, job_id: int) -> None:
+        self.id = job_id
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _settled(self, message: dict) -> Outcome:
+        if self.cancelling:  # the result crossed the cancel: write nothing, undo what the worker made
+            if self._discard:
+                try:
+                    self._discard(message)
+                except Exception:  # noqa: BLE001 - logged; the job still ends as cancelled
+                    log.exception("SegmentMBTFE: could not take back the result of a cancelled %s", self.kind)
+            return Outcome(cancelled=True)
         try:
-            outcome.result = self._work(self._report, self._cancel)
-            if self._cancel.is_set():  # cancelled after the last check: still write nothing
-                outcome = Outcome(cancelled=True)
-        except Cancelled:
-            outcome = Outcome(cancelled=True)
-        except Exception as error:  # noqa: BLE001 - every failure must reach the panel, never vanish in a thread
-            outcome = Outcome(error=error, details=traceback.format_exc())
-        outcome.seconds = time.perf_counter() - self._started
-        self._events.put(("finished", outcome))
+            return Outcome(result=self._settle(message, self.folder) if self._settle else message)
+        except errors.Cancelled:
+            return Outcome(cancelled=True)
+        except Exception as error:  # noqa: BLE001 - reported through the outcome like any other failure
+            return Outcome(error=error, details=traceback.format_exc())
 
-    def _report(self, fraction: float, text: str):
-        self._events.put(("progress", (fraction, text)))
+    def _endUnanswered(self) -> None:
+        """CANCEL_GRACE_MS after Cancel: a worker still busy with this job is killed (it ends as cancelled)."""
+        if self.finished:
+            return
+        log.warning("SegmentMBTFE: the worker did not stop within %d ms of Cancel; ending it", CANCEL_GRACE_MS)
+        self.worker.kill()
+        if not self.finished:  # the worker had already forgotten the job
+            self._finish(Outcome(cancelled=True))
+
+    def _finish(self, outcome: Outcome) -> None:
+        if self.finished:
+            return
+        outcome.seconds = time.perf_counter() - self._started
+        outcome.messages = list(self.messages)
+        self.outcome = outcome
+        self.worker.forget(self.id)
+        self._cleanup()
+        if self._on_finished:
+            self._on_finished(outcome)
+
+    def _cleanup(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._claimed:
+            self._claimed = False
+            release()

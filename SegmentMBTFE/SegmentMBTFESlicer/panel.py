@@ -1,15 +1,18 @@
 """What the panel shows, as plain functions of its state (so they read the same in PythonQt and PySide6)."""
+import logging
 import re
 from typing import List, Optional, Sequence, Tuple
 
 from .catalog import ModelInfo
+
+log = logging.getLogger(__name__)
 
 
 def button_state(model: Optional[ModelInfo], inputs: Sequence, running: bool,
                  folds_problem: str = "") -> Tuple[bool, str]:
     """(enabled, tooltip) of the Segment button: the tooltip says what is missing when it is disabled."""
     if running:
-        return False, "A segmentation is running: wait for it, or press Cancel."
+        return False, "A segmentation or fine-tune is running: wait for it, or press Cancel."
     if model is None:
         return False, "Choose a model (or add a model folder)."
     if model.problem:
@@ -46,3 +49,24 @@ def guess_volume(channel: str, names: Sequence[str], index: int) -> Optional[int
         if token and re.search(rf"(^|[^a-z0-9]){re.escape(token)}($|[^a-z0-9])", name.lower()):
             return i
     return 0 if index == 0 and names else None
+
+
+def one_line(error: BaseException) -> str:
+    """The user's message for an error: the engine's errors and DependencyError say it themselves; anything
+    else is a bug, shown by its type and first line (the traceback is in the log)."""
+    from SegmentMBTFELib.errors import SegmentError
+    from .dependencies import DependencyError
+    from .jobs import EngineBug
+    text = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, (SegmentError, DependencyError)):
+        return text
+    kind = error.kind if isinstance(error, EngineBug) else type(error).__name__
+    return f"Unexpected error ({kind}): {text}. See the log for details."
+
+
+def show_error(error: BaseException, details: str = "", title: str = "Segmentation failed") -> None:
+    """A message box with one line saying what went wrong; the details go to the log."""
+    import slicer
+    message = one_line(error)
+    log.error(f"SegmentMBTFE: {message}\n{details}" if details else f"SegmentMBTFE: {message}")
+    slicer.util.errorDisplay(message, windowTitle=title, detailedText=details)

@@ -1,21 +1,19 @@
-"""One segmentation from volume nodes to segments: what the Segment button and the console API share.
+"""The main-thread steps of a segmentation or a fine-tune: what the Segment button and the console API share.
 
-    inputs = prepare_inputs(volume_nodes)                        # main thread: copy voxels, capture geometry
-    prediction = predict(models, path, inputs.volumes, options)  # any thread: the engine, no MRML
-    node = apply_prediction(prediction, inputs.geometry, scene)  # main thread: segments into the scene
+    inputs = prepare_inputs(volume_nodes)                       # copy the voxels, capture the geometry
+    ... the worker process predicts (logic.py, jobs.py) ...
+    node = apply_prediction(result, inputs.geometry, scene)     # the segments into the scene
 
-Fine-tuning shares the steps' shape (`prepare_finetune` on the main thread, `finetune_model` in any thread)
-and the application-wide flag: only one segmentation or fine-tune runs at a time (`claim`/`release`),
-whether it was started from the panel or the console: two models competing for one GPU help nobody.
-
-Models are loaded through `versions.resolve`: a model's current version (the original until a fine-tune
-makes a new one current) is what Segment runs.
+Fine-tuning has the same shape: `prepare_finetune` copies the corrected cases out of the scene, the worker
+trains and writes a new version, and `FinetuneRun` describes it. Everything here touches MRML and runs on
+the main thread; nothing here imports torch.
 """
 import logging
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
+
+import numpy as np
 
 import slicer
 
@@ -23,9 +21,6 @@ from . import catalog, corrections, segmentation, terminology
 from .volumes import Geometry, geometry_of, same_grid, volume_from_node
 
 log = logging.getLogger(__name__)
-_RUNNING = threading.Lock()
-_HOLDER = ["segmentation"]  # what holds the flag, for the busy message
-BUSY_MESSAGE = "A segmentation is already running; wait for it to finish or cancel it first."
 
 
 @dataclass
@@ -37,6 +32,20 @@ class Options:
     checkpoint: str = "final"
     show3d: bool = True
 
+    def request(self) -> dict:
+        """The worker's options for these settings."""
+        return {"device": self.device, "tta": bool(self.tta), "step_size": float(self.step_size),
+                "folds": self.folds, "checkpoint": self.checkpoint}
+
+
+def fold_list(folds) -> Optional[List[str]]:
+    """The folds a caller named (0, "0,1", [0, 1]...) as strings; None (every trained fold) for None or ""."""
+    if folds is None or folds == "":
+        return None
+    if isinstance(folds, (int, str)):
+        folds = [f for f in str(folds).replace(",", " ").split() if f]
+    return [str(f) for f in folds]
+
 
 @dataclass
 class Inputs:
@@ -46,27 +55,14 @@ class Inputs:
     node_ids: List[str] = None  # the volume nodes, to name the first as a new segmentation's reference volume
 
 
-def claim(task: str = "segmentation") -> None:
-    """Take the application-wide 'a model runs' flag (task: "segmentation" or "fine-tune"); raise the
-    user-facing refusal if taken."""
-    from SegmentMBTFELib.errors import SegmentError
-    if not _RUNNING.acquire(blocking=False):
-        raise SegmentError(busy_message())
-    _HOLDER[0] = task
-
-
-def busy_message() -> str:
-    """'A segmentation is already running; ...' or 'A fine-tune is already running; ...'."""
-    return BUSY_MESSAGE.replace("A segmentation", f"A {_HOLDER[0]}", 1)
-
-
-def release() -> None:
-    if _RUNNING.locked():
-        _RUNNING.release()
-
-
-def is_running() -> bool:
-    return _RUNNING.locked()
+@dataclass
+class SegmentsResult:
+    """What the worker predicted for one case: the label map on the input's grid, (value, name) per segment,
+    and the provenance (model, checksum, folds, TTA, device...)."""
+    labels: np.ndarray
+    segments: list
+    settings: dict = field(default_factory=dict)
+    messages: List[str] = field(default_factory=list)
 
 
 def prepare_inputs(volume_nodes: Sequence) -> Inputs:
@@ -84,31 +80,11 @@ def prepare_inputs(volume_nodes: Sequence) -> Inputs:
                   [n.GetID() for n in nodes])
 
 
-class ModelCache:
-    """Loaded models by (folder, folds, checkpoint): loading reads every checkpoint, so do it once."""
-
-    def __init__(self):
-        self._models = {}
-        self._lock = threading.Lock()
-
-    def get(self, path, folds=None, checkpoint: str = "final"):
-        from SegmentMBTFELib import load_model
-        key = (str(Path(path).resolve()), tuple(folds or ()), checkpoint)
-        with self._lock:
-            if key not in self._models:
-                self._models[key] = load_model(path, folds=list(folds) if folds else None, checkpoint=checkpoint)
-            return self._models[key]
-
-    def clear(self):
-        with self._lock:
-            self._models.clear()
-
-
-def resolve_model(model, user_folders: Sequence[str] = ()):
-    """A model folder path from a path or a shipped or added model's name; a loaded Model is kept as it is."""
+def resolve_model(model, user_folders: Sequence[str] = ()) -> str:
+    """A model folder path from a path, a shipped or added model's name, or a loaded engine Model (its folder)."""
     from SegmentMBTFELib.errors import ModelError
-    if hasattr(model, "predict"):
-        return model
+    if hasattr(model, "predict"):  # a loaded Model: the worker loads the same folder
+        return str(model.folder.path)
     text = str(model or "").strip()
     if text and Path(text).expanduser().is_dir():
         return str(Path(text).expanduser())
@@ -120,32 +96,17 @@ def resolve_model(model, user_folders: Sequence[str] = ()):
     return found.path
 
 
-def current_version(model_path):
-    """(folder to load, Version) of the model's current version: the original until a fine-tune made
-    another one current."""
-    from SegmentMBTFELib.versions import resolve
-    return resolve(model_path)
-
-
-def predict(models: ModelCache, model, volumes, options: Options,
-            progress: Callable[[float, str], None] = None, cancel=None):
-    """The engine's prediction for one case (no MRML here: safe in a worker thread). `model` is a folder
-    path (its current version is loaded through the cache) or a loaded Model."""
-    if not hasattr(model, "predict"):
-        if progress:
-            progress(0.0, "loading the model")
-        folder, _version = current_version(model)
-        model = models.get(folder, options.folds, options.checkpoint)
-    return model.predict(volumes, device=options.device, step_size=options.step_size, tta=options.tta,
-                         progress=progress, cancel=cancel)
-
-
-def apply_prediction(prediction, geometry: Geometry, scene, output=None, name: str = None,
+def apply_prediction(prediction: SegmentsResult, geometry: Geometry, scene, output=None, name: str = None,
                      show3d: bool = True, reference_volume_id: str = ""):
     """Write the prediction's segments into `output` (or a new segmentation node) on the main thread.
     A new node names `reference_volume_id` (the input volume) as its reference volume, as Segment Editor
-    does, so fine-tuning finds the volume the segments belong to."""
+    does, so fine-tuning finds the volume the segments belong to. An output node deleted while the model
+    ran is refused: nothing is written anywhere."""
     from SegmentMBTFELib.colors import segment_colors
+    from SegmentMBTFELib.errors import InputError
+    if output is not None and output.GetScene() is None:
+        raise InputError(f"The output segmentation {output.GetName()} was deleted while segmenting; "
+                         "nothing was written.")
     created = output is None
     node = output if output is not None else _new_segmentation(scene, name or f"{geometry.name} segmentation",
                                                                geometry)
@@ -157,7 +118,7 @@ def apply_prediction(prediction, geometry: Geometry, scene, output=None, name: s
         settings = prediction.settings
         model_name = str(settings.get("model", "model"))
         values = [value for value, _ in prediction.segments]
-        segmentation.write_labels(node, prediction.labels.array, geometry, prediction.segments, model_name,
+        segmentation.write_labels(node, prediction.labels, geometry, prediction.segments, model_name,
                                   str(settings.get("checksum", "")), segment_colors(max(values, default=0)),
                                   lambda label: terminology.terminology_for(label, model_name))
         segmentation.record_provenance(node, settings)
@@ -188,46 +149,22 @@ def _new_segmentation(scene, name: str, geometry: Geometry):
     return node
 
 
-def segment_files(models: ModelCache, paths: Sequence, model, output_dir, options: Options,
-                  progress: Callable[[float, str], None] = None, cancel=None) -> List[Path]:
-    """Segment image files (one path, or a list of channel paths, per case) into `output_dir`/<case>.seg.nrrd."""
-    from SegmentMBTFELib.imageio import read_channels
-    from SegmentMBTFELib.writers import write_prediction
-    from SegmentMBTFELib.progress import Progress
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cases = [[p] if isinstance(p, (str, Path)) else list(p) for p in paths]
-    reporter = Progress(progress, cancel)
-    written = []
-    for index, channels in enumerate(cases):
-        case_reporter = reporter.span(index / len(cases), (index + 1) / len(cases))
-        name = _case_name(channels[0])
-        prediction = predict(models, model, read_channels(channels), options,
-                             lambda f, text: case_reporter.report(f, f"{name} ({index + 1}/{len(cases)}): {text}"),
-                             cancel)
-        written += write_prediction(prediction, output_dir / f"{name}.seg.nrrd", terminology.terminology_for)
-    return written
-
-
-def _case_name(path) -> str:
-    """hippocampus_001_0000.nii.gz -> hippocampus_001 (nnU-Net's channel suffix dropped)."""
-    name = Path(path).name
-    for ending in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(ending):
-            name = name[: -len(ending)]
-            break
-    stem, _, suffix = name.rpartition("_")
-    return stem if stem and len(suffix) == 4 and suffix.isdigit() else name
-
-
 # ----------------------------------------------------------------------------------------------- fine-tuning
 
 @dataclass
+class CorrectedCase:
+    """One corrected case copied out of the scene: its channel volumes and the label map drawn on them."""
+    name: str
+    images: list                # engine Volumes, one per channel
+    labels: object              # engine Volume on the first channel's grid, holding the model's label values
+
+
+@dataclass
 class FinetunePlan:
-    """Corrected cases ready for the engine, made on the main thread (copies: the scene may change meanwhile)."""
+    """Corrected cases ready for the worker, made on the main thread (copies: the scene may change meanwhile)."""
     model_path: str
     model_name: str
-    cases: list                 # engine finetune.Case, one per segmentation
+    cases: List[CorrectedCase]  # one per segmentation
     corrections: list           # corrections.Corrections, one per case (what was matched, unmatched, noted)
 
     def report(self) -> str:
@@ -241,11 +178,23 @@ class FinetunePlan:
 
 
 @dataclass
+class FinetuneResult:
+    """What the worker's fine-tune reported (the engine's FinetuneResult, without the weights)."""
+    iterations: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    stopped: str = ""
+    frozen: List[str] = field(default_factory=list)
+    dice_before: dict = field(default_factory=dict)   # "training" -> label name -> Dice, and "mean"
+    dice_after: dict = field(default_factory=dict)
+
+
+@dataclass
 class FinetuneRun:
-    """A finished fine-tune: the version written, the engine's result (Dice before and after) and the
-    version it started from."""
+    """A finished fine-tune: the version written, its result (Dice before and after) and the version it
+    started from."""
     version: object             # versions.Version
-    result: object              # finetune.FinetuneResult
+    result: FinetuneResult
     parent: str
     report: str = ""            # unmatched segments and notes of the corrected cases
 
@@ -254,11 +203,11 @@ class FinetuneRun:
 
 
 def finetune_settings(iterations: int = 200, minutes: float = None, learning_rate: float = 1e-3,
-                      freeze_encoder: bool = False, device: str = "auto"):
-    from SegmentMBTFELib.finetune import FinetuneSettings
-    return FinetuneSettings(iterations=int(iterations), time_budget_s=float(minutes) * 60 if minutes else None,
-                            learning_rate=float(learning_rate), freeze_encoder=bool(freeze_encoder),
-                            device=device or "auto")
+                      freeze_encoder: bool = False, device: str = "auto") -> dict:
+    """The worker's fine-tuning settings (fields of the engine's FinetuneSettings)."""
+    return {"iterations": int(iterations), "time_budget_s": float(minutes) * 60 if minutes else None,
+            "learning_rate": float(learning_rate), "freeze_encoder": bool(freeze_encoder),
+            "device": device or "auto"}
 
 
 def prepare_finetune(segmentation_nodes, volume_nodes, model_path) -> FinetunePlan:
@@ -268,7 +217,6 @@ def prepare_finetune(segmentation_nodes, volume_nodes, model_path) -> FinetunePl
     per segmentation a volume node or a list of channel volumes (for one segmentation, that node or list
     itself). Raises InputError saying what to fix when a case cannot be used."""
     from SegmentMBTFELib.errors import InputError
-    from SegmentMBTFELib.finetune import Case
     from SegmentMBTFELib.modelfolder import ModelFolder
     folder = ModelFolder(model_path)
     segmentations = [segmentation_nodes] if hasattr(segmentation_nodes, "GetSegmentation") \
@@ -299,31 +247,10 @@ def prepare_finetune(segmentation_nodes, volume_nodes, model_path) -> FinetunePl
         corrected = corrections.corrected_labels(node, channels[0], folder.name, folder.labels.output_segments())
         if not corrected.usable:
             raise InputError(f"{name}: {' '.join(corrected.problems)}")
-        cases.append(Case(name, inputs.volumes, inputs.volumes[0].with_array(corrected.labels, name=name)))
+        cases.append(CorrectedCase(name, inputs.volumes, inputs.volumes[0].with_array(corrected.labels, name=name)))
         found.append(corrected)
     return FinetunePlan(str(model_path), folder.name, cases, found)
 
-
-def finetune_model(models: ModelCache, plan: FinetunePlan, settings, progress=None, cancel=None,
-                   make_current: bool = True, written: list = None) -> FinetuneRun:
-    """Any thread: fine-tune the model's current version on the plan's cases and write the result as a new
-    version (the original and every other version are left as they are). `written` (a list) receives the
-    new Version as soon as it exists, so a caller can undo it when the run is cancelled at the last moment."""
-    from SegmentMBTFELib.finetune import finetune
-    from SegmentMBTFELib.versions import ModelVersions
-    if progress:
-        progress(0.0, "loading the model")
-    folder, parent = current_version(plan.model_path)
-    model = models.get(folder)  # every fold: a version holds all of them
-    result = finetune(model, plan.cases, settings=settings, progress=progress, cancel=cancel)
-    if progress:
-        progress(1.0, "writing the new version")
-    version = ModelVersions(plan.model_path).add(model, result, make_current=make_current, cancel=cancel)
-    if written is not None:
-        written.append(version)
-    log.info("SegmentMBTFE: %s of %s written to %s (%s)", version.id, plan.model_name, version.path,
-             dice_text(result))
-    return FinetuneRun(version, result, parent.id, plan.report())
 
 
 def dice_text(result) -> str:

@@ -7,6 +7,11 @@ a save and reload, and replaces exactly those: a user's own segments and edits i
 
 All segments of one run share one labelmap layer (one image, a label value per segment), as Slicer does
 when it reads a .seg.nrrd: no copy per segment, and the Segment Editor edits them as usual.
+
+The label map is on the input volume's grid, stated in the volume's own (parent-transform) coordinates; a
+segmentation node stores its segments in its own. When the two sit under different transforms, the
+volume-to-segmentation transform is folded into the label image's geometry, so the segments land where the
+volume shows the structures. Slicer can only fold a linear transform into an image's geometry.
 """
 import datetime
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -16,6 +21,8 @@ import vtk
 from vtk.util import numpy_support
 
 import slicer
+
+from SegmentMBTFELib.errors import InputError
 
 from .volumes import Geometry
 
@@ -50,16 +57,19 @@ def write_labels(segmentation_node, labels: np.ndarray, geometry: Geometry, segm
 
     `labels` is the (k, j, i) label map on `geometry`'s grid. Segments of other models and the user's own
     are not touched; a replaced segment keeps its ID and place in the list, so views and the Segment
-    Editor that refer to it keep working. Returns the IDs written, in label order.
+    Editor that refer to it keep working. Returns the IDs written, in label order. InputError, with the node
+    left as it was, when the node and the volume are related by a transform that is not linear.
     """
     if tuple(labels.shape) != tuple(geometry.shape):
         raise ValueError(f"label map {labels.shape} does not match the volume grid {geometry.shape}")
+    # First, as it may refuse: nothing in the node has changed yet.
+    ijk_to_segmentation = _ijk_to_segmentation(segmentation_node, geometry)
     segmentation = segmentation_node.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
-        _set_reference_geometry(segmentation_node, geometry)
+        _set_reference_geometry(segmentation_node, geometry.shape, ijk_to_segmentation)
     previous = {_tag(segmentation.GetSegment(i), LABEL_TAG): i for i, _ in model_segments(segmentation_node, model_name)}
     insert_before = _position_after_removal(segmentation, list(previous.values()))
-    image = _oriented_image(labels, geometry)
+    image = _oriented_image(labels, ijk_to_segmentation)
     written = []
     with _modifying(segmentation_node):
         for segment_id in previous.values():
@@ -95,18 +105,23 @@ def show(segmentation_node, closed_surface: bool = True) -> None:
 
 
 def segment_array(segmentation_node, segment_id: str) -> np.ndarray:
-    """A segment's voxels as a 0/1 (k, j, i) array on the node's reference grid (for tests and checks)."""
-    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    """A segment's voxels as a 0/1 (k, j, i) array on the node's reference grid (for tests and checks).
+
+    Reading must leave the scene as it was, so this uses the segmentations logic's merged-labelmap call,
+    which makes no nodes. ExportSegmentsToLabelmapNode adds a labelmap display node, a colour table and,
+    where they are missing, the segmentation's display node (whose creation recolours segments that have
+    no colour) and the subject hierarchy node: removing them afterwards would not undo the recolouring.
+    Needs the binary labelmap representation (what our segments and .seg.nrrd files hold)."""
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
-    scene = segmentation_node.GetScene()
-    scene.AddNode(labelmap)
-    try:
-        slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, labelmap, None, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
-        return np.array(slicer.util.arrayFromVolume(labelmap) > 0, dtype=np.uint8)
-    finally:
-        scene.RemoveNode(labelmap)
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+        segmentation_node, None, ids, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, image)
+    shape = tuple(reversed(image.GetDimensions()))
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros(shape, np.uint8)
+    return np.array(numpy_support.vtk_to_numpy(scalars).reshape(shape) > 0, dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -114,6 +129,10 @@ def segment_array(segmentation_node, segment_id: str) -> np.ndarray:
 def _segment(image, value: int, name: str, model_name: str, checksum: str, colors, terminology):
     segment = slicer.vtkSegment()
     segment.SetName(name)
+    # The name and colour are ours (the model's label name, our colours): without these flags Slicer renames
+    # and recolours a segment from its terminology entry (e.g. when the terminology is set or loaded).
+    segment.SetNameAutoGenerated(False)
+    segment.SetColorAutoGenerated(False)
     segment.SetLabelValue(int(value))
     if colors is not None:
         segment.SetColor(*[float(c) for c in colors[int(value) - 1]])
@@ -128,22 +147,46 @@ def _segment(image, value: int, name: str, model_name: str, checksum: str, color
     return segment
 
 
-def _oriented_image(labels: np.ndarray, geometry: Geometry):
+def _ijk_to_segmentation(segmentation_node, geometry: Geometry) -> vtk.vtkMatrix4x4:
+    """The volume grid's IJK-to-RAS in the segmentation's coordinates (its parent transform's, not world's).
+
+    InputError when the volume and the segmentation are related by a transform that is not linear: an
+    image grid cannot follow a warp, and resampling the label map through it would change the result."""
+    ijk_to_ras = geometry.matrix()
+    segmentation_transform_id = segmentation_node.GetTransformNodeID() or ""
+    if segmentation_transform_id == geometry.transform_node_id:
+        return ijk_to_ras  # the usual case: a segmentation made for this volume shares its transform
+    scene = segmentation_node.GetScene()
+    volume_transform = scene.GetNodeByID(geometry.transform_node_id) if geometry.transform_node_id else None
+    if geometry.transform_node_id and volume_transform is None:
+        raise InputError(f"The transform that {geometry.name or 'the volume'} was under has been deleted, so the "
+                         "segments cannot be placed; segment the volume again.")
+    volume_to_segmentation = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            volume_transform, segmentation_node.GetParentTransformNode(), volume_to_segmentation):
+        raise InputError(f"{segmentation_node.GetName()} and {geometry.name or 'the volume'} are related by a "
+                         "non-linear transform: harden the transform, or choose a segmentation under the same "
+                         "transform as the volume.")
+    vtk.vtkMatrix4x4.Multiply4x4(volume_to_segmentation, ijk_to_ras, ijk_to_ras)
+    return ijk_to_ras
+
+
+def _oriented_image(labels: np.ndarray, ijk_to_segmentation: vtk.vtkMatrix4x4):
     """One vtkOrientedImageData holding the whole label map on the input volume's grid."""
     image = slicer.vtkOrientedImageData()
     image.SetDimensions(*reversed(labels.shape))
-    image.SetGeometryFromImageToWorldMatrix(geometry.matrix())
+    image.SetGeometryFromImageToWorldMatrix(ijk_to_segmentation)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR if labels.max(initial=0) < 256 else vtk.VTK_UNSIGNED_SHORT, 1)
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     scalars[:] = labels.ravel()
     return image
 
 
-def _set_reference_geometry(segmentation_node, geometry: Geometry) -> None:
+def _set_reference_geometry(segmentation_node, shape, ijk_to_segmentation: vtk.vtkMatrix4x4) -> None:
     """An empty segmentation takes the input's grid, so the Segment Editor edits at the input's resolution."""
     image = slicer.vtkOrientedImageData()
-    image.SetDimensions(*reversed(geometry.shape))
-    image.SetGeometryFromImageToWorldMatrix(geometry.matrix())
+    image.SetDimensions(*reversed(shape))
+    image.SetGeometryFromImageToWorldMatrix(ijk_to_segmentation)
     text = slicer.vtkSegmentationConverter.SerializeImageGeometry(image)
     segmentation_node.GetSegmentation().SetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), text)

@@ -4,15 +4,23 @@
 logic, and Slicer's own `slicer.util`. What it lacks is the application around them. `install()` adds
 small, honest versions of exactly those pieces to the real `slicer` namespace:
 
-- `slicer.app` (testing mode, settings, cursor, processEvents) and `slicer.mrmlScene` (a real scene);
+- `slicer.app` (testing mode, settings, cursor, processEvents, module manager) and `slicer.mrmlScene`;
+- Slicer's event loop as it treats Python: PythonQt runs without thread support, so the main thread holds
+  the GIL while Qt idles and Python threads advance only when Qt calls into Python. `processEvents()` and
+  `run_event_loop()` call Qt's C++ event processing through `ctypes.PyDLL`, which keeps the GIL, exactly
+  like that (PySide6's own exec()/processEvents() release the GIL and would hide slow threads);
 - the segmentation converter rules the Segmentations module registers at startup (closed surfaces);
-- `slicer.qMRMLWidget`, `slicer.qMRMLNodeComboBox` (Qt widgets listing real scene nodes);
+- `slicer.qMRMLWidget`, `slicer.qMRMLNodeComboBox` (Qt widgets listing real scene nodes), and the module
+  panel's qSlicerScriptedLoadableModuleWidget (instantiates the Python widget, reload());
 - `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`, `slicer.i18n` (Slicer's pure-Python
   base classes, reduced to the behaviour the module uses);
 - `slicer.modules.<name>.path`, which `ScriptedLoadableModuleWidget.resourcePath` reads.
 """
+import ctypes
 import logging
+import os
 import sys
+import time
 import types
 import typing
 import unittest
@@ -35,6 +43,7 @@ class Application:
         self.qt_app = qt.QApplication.instance() or qt.QApplication([])
         self._settings = qt.QSettings(settings_path, qt.QSettings.IniFormat)
         self.temporaryPath = qt.QDir.tempPath()
+        self._module_manager = ModuleManager()
 
     def testingEnabled(self):
         return True
@@ -46,7 +55,10 @@ class Application:
         return self._settings
 
     def processEvents(self):
-        self.qt_app.processEvents()
+        _QT_HOLDING_THE_GIL.process_events()
+
+    def moduleManager(self):
+        return self._module_manager
 
     def setOverrideCursor(self, cursor):
         self.qt_app.setOverrideCursor(cursor)
@@ -58,6 +70,71 @@ class Application:
         return None  # no views here; modules must cope (Slicer without a main window has none either)
 
 
+class ModuleManager:
+    """`slicer.app.moduleManager()`: PythonQt-style string connects to moduleAboutToBeUnloaded(QString), which
+    Slicer emits for every module when it exits (tests call unload(name))."""
+
+    def __init__(self):
+        self._slots = []
+
+    def connect(self, signal, slot):
+        self._slots.append((signal, slot))
+
+    def disconnect(self, signal, slot):
+        self._slots = [(s, f) for s, f in self._slots if (s, f) != (signal, slot)]
+
+    def unload(self, module_name: str):
+        for signal, slot in list(self._slots):
+            if signal == "moduleAboutToBeUnloaded(QString)":
+                slot(module_name)
+
+
+class _QtHoldingTheGil:
+    """Qt's C++ event processing called through ctypes.PyDLL, which does not release the GIL: what Slicer's
+    main thread does while Qt idles. Linux symbol names of the Qt 6 that PySide6 ships."""
+    PROCESS_EVENTS = "_ZN16QCoreApplication13processEventsE6QFlagsIN10QEventLoop17ProcessEventsFlagEE"
+    LOOP_EXEC = "_ZN10QEventLoop4execE6QFlagsINS_17ProcessEventsFlagEE"
+
+    def __init__(self):
+        import PySide6
+        core = ctypes.PyDLL(os.path.join(os.path.dirname(PySide6.__file__), "Qt", "lib", "libQt6Core.so.6"))
+        self._process_events = core[self.PROCESS_EVENTS]
+        self._process_events.argtypes, self._process_events.restype = [ctypes.c_int], None
+        self._exec = core[self.LOOP_EXEC]
+        self._exec.argtypes, self._exec.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+
+    def process_events(self):
+        self._process_events(0)
+
+    def run(self, loop):
+        import shiboken6
+        return self._exec(shiboken6.getCppPointer(loop)[0], 0)
+
+
+_QT_HOLDING_THE_GIL = _QtHoldingTheGil()
+
+
+def run_event_loop(until=None, timeout: float = 60.0, check_ms: int = 100) -> bool:
+    """Run Qt's event loop as Slicer does (the GIL held while idle) until `until()` is true or `timeout`
+    seconds pass; returns until()'s last value. Python runs only in Qt's callbacks, `until` among them."""
+    loop = qt.QEventLoop()
+    deadline = time.perf_counter() + timeout
+    done = [bool(until and until())]
+
+    def check():
+        done[0] = bool(until and until())
+        if done[0] or time.perf_counter() >= deadline:
+            loop.quit()
+    timer = qt.QTimer()
+    timer.setInterval(check_ms)
+    timer.timeout.connect(check)
+    if not done[0]:
+        timer.start()
+        _QT_HOLDING_THE_GIL.run(loop)
+        timer.stop()
+    return done[0]
+
+
 def install(settings_path: str, module_paths: dict = None):
     """Make `slicer` look like the application's: returns the fresh scene."""
     application = Application(settings_path)
@@ -65,11 +142,12 @@ def install(settings_path: str, module_paths: dict = None):
     slicer.mrmlScene = new_scene()
     slicer.qMRMLWidget = qMRMLWidget
     slicer.qMRMLNodeComboBox = qMRMLNodeComboBox
-    slicer.modules = types.SimpleNamespace(**{name.lower(): types.SimpleNamespace(path=path)
+    slicer.modules = types.SimpleNamespace(**{name.lower(): ScriptedModule(name, path)
                                               for name, path in (module_paths or {}).items()})
     # Core module logics some slicer.util functions call (e.g. updateSegmentBinaryLabelmapFromArray).
     slicer.modules.volumes = _CoreModule(slicer.vtkSlicerVolumesLogic)
     slicer.modules.segmentations = _CoreModule(slicer.vtkSlicerSegmentationsModuleLogic)
+    slicer.modules.terminologies = _CoreModule(slicer.vtkSlicerTerminologiesModuleLogic)
     qt.QSettings.setDefaultFormat(qt.QSettings.IniFormat)
     _register_submodule("ScriptedLoadableModule", _scripted_loadable_module())
     _register_submodule("parameterNodeWrapper", _parameter_node_wrapper())
@@ -151,6 +229,9 @@ class qMRMLNodeComboBox(qt.QComboBox):
                        "showHidden": False, "showChildNodeTypes": True, "selectNodeUponCreation": True}
         self._current_id = None
         self.currentIndexChanged.connect(self._index_changed)
+        # As the real one's destructor: stop observing the scene once the widget is gone.
+        observations = self._observations
+        self.destroyed.connect(lambda *args: [observed.RemoveObserver(tag) for observed, tag in observations])
 
     # -- properties, settable from Designer, setProperty() and the setters. As in PythonQt, a property hides
     # its same-named getter (`nodeTypes` is the property; read it with property("nodeTypes")).
@@ -190,7 +271,8 @@ class qMRMLNodeComboBox(qt.QComboBox):
     def setMRMLScene(self, scene):
         for observed, tag in self._observations:
             observed.RemoveObserver(tag)
-        self._scene, self._observations = scene, []
+        self._scene = scene
+        del self._observations[:]  # the same list the destroyed() handler empties
         if scene is not None:
             for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent):
                 self._observations.append((scene, scene.AddObserver(event, lambda *a: self._refresh())))
@@ -255,11 +337,73 @@ class qMRMLNodeComboBox(qt.QComboBox):
 qt.CUSTOM_WIDGETS.extend([qMRMLWidget, qMRMLNodeComboBox])
 
 
+class qSlicerScriptedLoadableModuleWidget(qMRMLWidget):
+    """A scripted module's panel (Base/QTGUI/qSlicerScriptedLoadableModuleWidget.cxx): instantiates the module's
+    Python <Name>Widget with itself as parent, records it as slicer.modules.<Name>Widget; reload() does that
+    again from the (re-imported) module and calls setup()."""
+
+    def __init__(self, module_name: str, path: str):
+        super().__init__()
+        self.setLayout(qt.QVBoxLayout())
+        self.setMRMLScene(slicer.mrmlScene)
+        self.isEntered = True  # the module is shown
+        self._module_name, self._path, self._self = module_name, path, None
+
+    def pythonSource(self):
+        return self._path
+
+    def setPythonSource(self, path):
+        import importlib.util
+        module = sys.modules.get(self._module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(self._module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[self._module_name] = module
+            spec.loader.exec_module(module)
+        self._self = getattr(module, self._module_name + "Widget")(self)
+        setattr(slicer.modules, self._module_name + "Widget", self._self)
+
+    def setup(self):
+        self._self.setup()
+
+    def reload(self):
+        self.setPythonSource(self._path)
+        self.setup()
+
+    def self(self):
+        return self._self
+
+
+class ScriptedModule:
+    """`slicer.modules.<name>`: its path, and its panel, made on first use as Slicer makes it."""
+
+    def __init__(self, name: str, path: str):
+        self.name, self.path, self._panel = name, path, None
+
+    def widgetRepresentation(self):
+        if self._panel is None:
+            self.newPanel()
+        return self._panel
+
+    def newPanel(self):
+        """A new panel (what a fresh Slicer shows): the module's Python widget set up in it."""
+        self._panel = qSlicerScriptedLoadableModuleWidget(self.name, self.path)
+        self._panel.setPythonSource(self.path)
+        self._panel.setup()
+        return self._panel
+
+    def closePanel(self):
+        """Close and delete the panel (the next widgetRepresentation() makes a new one)."""
+        if self._panel is not None:
+            self._panel.close()
+            self._panel.deleteLater()
+            self._panel = None
+
+
 # ------------------------------------------------------------------------------- ScriptedLoadableModule
 
 def _scripted_loadable_module():
-    """Slicer's Base/Python/slicer/ScriptedLoadableModule.py, minus the developer (reload/edit) section."""
-    import os
+    """Slicer's Base/Python/slicer/ScriptedLoadableModule.py, minus the developer section's buttons."""
     module = types.ModuleType("slicer.ScriptedLoadableModule")
 
     class ScriptedLoadableModule:
@@ -277,22 +421,41 @@ def _scripted_loadable_module():
 
     class ScriptedLoadableModuleWidget:
         def __init__(self, parent=None):
-            self.moduleName = self.__class__.__name__[:-len("Widget")]
-            if parent is None:
-                parent = slicer.qMRMLWidget()
-                parent.setLayout(qt.QVBoxLayout())
-                parent.setMRMLScene(slicer.mrmlScene)
-            self.parent = parent
-            self.layout = parent.layout()
+            # As Slicer's: without a parent it makes one AND calls setup() itself, before a subclass's
+            # __init__ continues; it registers cleanup() for when Slicer unloads the module (at exit).
+            self.moduleName = self.__class__.__name__
+            if self.moduleName.endswith("Widget"):
+                self.moduleName = self.moduleName[:-6]
+            self.developerMode = False
+            if not parent:
+                self.parent = slicer.qMRMLWidget()
+                self.parent.setLayout(qt.QVBoxLayout())
+                self.parent.setMRMLScene(slicer.mrmlScene)
+            else:
+                self.parent = parent
+            self.layout = self.parent.layout()
+            if not parent:
+                self.setup()
+                self.parent.show()
+            slicer.app.moduleManager().connect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
 
         def resourcePath(self, filename):
             return os.path.join(os.path.dirname(slicer.util.modulePath(self.moduleName)), "Resources", filename)
 
-        def setup(self):
-            pass
-
         def cleanup(self):
             pass
+
+        def _onModuleAboutToBeUnloaded(self, moduleName):
+            if moduleName == self.moduleName:
+                self.cleanup()
+                slicer.app.moduleManager().disconnect("moduleAboutToBeUnloaded(QString)",
+                                                      self._onModuleAboutToBeUnloaded)
+
+        def setup(self):
+            pass  # the developer section (Reload, Test) is not built here
+
+        def onReload(self):
+            slicer.util.reloadScriptedModule(self.moduleName)  # Slicer's own function (slicer-core)
 
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):

@@ -8,7 +8,6 @@ file placed directly in Testing/slicer/ would be imported as part of `slicer`.
 """
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,9 @@ def slicer_app(tmp_path_factory):
     import slicer_app
     settings = tmp_path_factory.mktemp("settings") / "Slicer.ini"
     slicer_app.install(str(settings), {"SegmentMBTFE": str(MODULE_DIR / "SegmentMBTFE.py")})
-    return slicer_app
+    yield slicer_app
+    from SegmentMBTFESlicer import worker
+    worker.stop_shared()  # as when Slicer exits: the worker process goes with it
 
 
 @pytest.fixture
@@ -58,32 +59,27 @@ def module(slicer_app):
 
 @pytest.fixture
 def widget(module, scene):
-    """The module panel, set up in real Qt on the fresh scene, as Slicer shows it."""
-    import qt
+    """The module panel, set up in real Qt on the fresh scene, as Slicer shows it (slicer.modules.segmentmbtfe's
+    widget representation). The worker process is shared by the tests, as by a Slicer session's panels."""
     import slicer
-    parent = slicer.qMRMLWidget()
-    parent.setLayout(qt.QVBoxLayout())
-    parent.setMRMLScene(scene)
-    parent.isEntered = True  # qSlicerScriptedLoadableModuleWidget's property
-    panel = module.SegmentMBTFEWidget(parent)
-    panel.setup()
+    parent = slicer.modules.segmentmbtfe.newPanel()
+    panel = parent.self()
     parent.resize(420, 640)
     parent.show()
-    slicer.modules.segmentmbtfe.widgetRepresentation = lambda: types.SimpleNamespace(self=lambda: panel)
     yield panel
-    if panel._job is not None:
-        panel._job.cancel()
+    if panel.jobs.job is not None:
+        panel.jobs.cancel()
         wait_for_panel(panel)
-    panel.cleanup()
-    parent.close()
-    parent.deleteLater()
+    panel.finetune.cleanup()
+    panel.removeObservers()
+    slicer.modules.segmentmbtfe.closePanel()
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, slicer_app):
-    """The untrained model the in-Slicer self-test writes (no nnunetv2 needed)."""
+def tiny_model(slicer_app):
+    """The untrained model the in-Slicer self-test uses (Resources/SelfTest; no nnunetv2 needed)."""
     from SegmentMBTFESlicer import selftest
-    return selftest.write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    return selftest.model_folder()
 
 
 @pytest.fixture(scope="session")

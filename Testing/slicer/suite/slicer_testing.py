@@ -1,6 +1,5 @@
 """Helpers shared by the Slicer module's tests (imported by name: `conftest` is ambiguous between
 Testing/conftest.py and this folder's)."""
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,24 @@ def load_volume(scene, path, name=None):
 
 
 def process_events(seconds=0.0):
-    import qt
-    end = time.perf_counter() + seconds
-    while True:
-        qt.QApplication.processEvents()
-        if time.perf_counter() >= end:
-            return
-        time.sleep(0.01)
+    """Let Slicer's event loop run for `seconds` (the GIL held while Qt idles, as in Slicer)."""
+    import slicer
+    import slicer_app
+    if seconds:
+        slicer_app.run_event_loop(None, timeout=seconds)
+    else:
+        slicer.app.processEvents()
+
+
+def wait_for(until, timeout=120.0, what="the job"):
+    """Run Slicer's event loop until `until()` is true; fail after `timeout` seconds."""
+    import slicer_app
+    assert slicer_app.run_event_loop(until, timeout), f"{what} did not finish within {timeout:.0f} s"
 
 
 def wait_for_panel(panel, timeout=120.0, until=None):
-    """Let the Qt event loop run (the panel's timer polls the worker) until the job ends or `until()`."""
-    deadline = time.perf_counter() + timeout
-    while panel._job is not None and not (until and until()):
-        assert time.perf_counter() < deadline, "the segmentation did not finish in time"
-        process_events(0.02)
+    """Run the event loop (the worker's messages arrive as Qt events) until the panel's job ends or `until()`."""
+    wait_for(lambda: panel.jobs.job is None or bool(until and until()), timeout, "the panel's job")
 
 
 def scene_state(scene) -> list:

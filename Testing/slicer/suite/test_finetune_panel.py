@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slicer_testing import load_volume, process_events, scene_state
+from slicer_testing import load_volume, scene_state, wait_for, wait_for_panel
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -259,19 +259,15 @@ def same_segments(a: dict, b: dict) -> bool:
 
 
 def wait_for_finetune(widget, timeout=400.0, until=None):
-    import time
-    deadline = time.perf_counter() + timeout
-    while widget.finetune.job is not None and not (until and until()):
-        assert time.perf_counter() < deadline, "the fine-tune did not finish in time: " + \
-            widget.ui.finetuneStatusLabel.text()
-        process_events(0.05)
+    wait_for(lambda: not widget.finetune.running or bool(until and until()), timeout,
+             "the fine-tune (" + widget.ui.finetuneStatusLabel.text() + ")")
 
 
 def select_shipped_model(widget):
     index = next(i for i in range(widget.ui.modelSelector.count())
                  if Path(str(widget.ui.modelSelector.itemData(i))).resolve() == SHIPPED_MODEL.resolve())
     widget.ui.modelSelector.setCurrentIndex(index)
-    return widget.currentModel()
+    return widget.segment.currentModel()
 
 
 def corrected_case(scene, real_case, name="corrected"):
@@ -306,8 +302,7 @@ def test_the_panel_fine_tunes_the_shipped_model_on_a_corrected_case(widget, scen
 
     # Segment the case through the panel: the Fine-tune section takes the result as the case to correct.
     widget.ui.segmentButton.click()
-    while widget._job is not None:
-        process_events(0.05)
+    wait_for_panel(widget)
     node = widget.ui.outputSegmentationSelector.currentNode()
     assert node is not None, widget.ui.statusLabel.text()
     assert widget.ui.finetuneSegmentationSelector.currentNode() is node
@@ -333,11 +328,11 @@ def test_the_panel_fine_tunes_the_shipped_model_on_a_corrected_case(widget, scen
     widget.ui.finetuneIterationsSpinBox.setValue(3)
     assert widget.ui.finetuneButton.isEnabled(), widget.ui.finetuneButton.toolTip()
     widget.ui.finetuneButton.click()
-    assert widget.finetune.job is not None, widget.ui.finetuneStatusLabel.text()
+    assert widget.finetune.running, widget.ui.finetuneStatusLabel.text()
     assert not widget.ui.segmentButton.isEnabled() and not widget.ui.finetuneButton.isEnabled()
     assert widget.ui.finetuneCancelButton.isEnabled()
     widget.ui.segmentButton.click()  # refused while the fine-tune runs
-    assert widget._job is None
+    assert widget.jobs.kind == "fine-tune"
     wait_for_finetune(widget)
 
     status, result = widget.ui.finetuneStatusLabel.text(), widget.ui.finetuneResultLabel.text()
@@ -357,8 +352,7 @@ def test_the_panel_fine_tunes_the_shipped_model_on_a_corrected_case(widget, scen
     # Segment now runs the new version.
     widget.ui.outputSegmentationSelector.setCurrentNode(None)
     widget.ui.segmentButton.click()
-    while widget._job is not None:
-        process_events(0.05)
+    wait_for_panel(widget)
     again = widget.ui.outputSegmentationSelector.currentNode()
     assert again is not node and again is not None
     assert Path(segmentation.provenance(again)["ModelPath"]).resolve().is_relative_to(v1.path.resolve())
@@ -383,7 +377,7 @@ def test_the_panel_fine_tunes_the_shipped_model_on_a_corrected_case(widget, scen
     assert [v.id for v in ModelVersions(SHIPPED_MODEL).list()] == ["original"]
     assert widget.ui.versionsList.count() == 1 and not v1.path.exists()
     assert file_hashes(SHIPPED_MODEL) == shipped_before
-    assert model.path == widget.currentModel().path
+    assert model.path == widget.segment.currentModel().path
 
 
 def test_cancelling_a_fine_tune_writes_no_version(widget, scene, real_case, versions_home):
@@ -397,7 +391,7 @@ def test_cancelling_a_fine_tune_writes_no_version(widget, scene, real_case, vers
 
     widget.ui.finetuneButton.click()
     wait_for_finetune(widget, until=lambda: "iteration" in widget.ui.finetuneStatusLabel.text())
-    assert widget.finetune.job is not None, "the fine-tune ended before it could be cancelled"
+    assert widget.finetune.running, "the fine-tune ended before it could be cancelled"
     widget.ui.finetuneCancelButton.click()
     assert not widget.ui.finetuneCancelButton.isEnabled()
     wait_for_finetune(widget, timeout=60)

@@ -101,6 +101,6 @@ def test_the_panel_offers_the_install_when_something_is_missing(widget, monkeypa
     """The panel's status line tells the user before they click (the check is the real one, on a requirement
     list that includes a package this environment lacks)."""
     monkeypatch.setattr(dependencies, "REQUIREMENTS", dependencies.REQUIREMENTS + (ABSENT,))
-    widget._showDependencyStatus()
+    widget.segment.showDependencyStatus()
     assert "segmentmbtfe-absent-package" in widget.ui.statusLabel.text()
     assert "offers to install" in widget.ui.statusLabel.text()

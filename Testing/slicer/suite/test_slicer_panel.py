@@ -29,7 +29,7 @@ def segment_names(node):
 def click_segment(widget):
     assert widget.ui.segmentButton.isEnabled(), widget.ui.segmentButton.toolTip()
     widget.ui.segmentButton.click()
-    assert widget._job is not None, widget.ui.statusLabel.text()
+    assert widget.jobs.job is not None, widget.ui.statusLabel.text()
 
 
 def test_segment_button_says_what_is_missing(widget, scene, hippo3d_model, hippo_case):
@@ -38,14 +38,14 @@ def test_segment_button_says_what_is_missing(widget, scene, hippo3d_model, hippo
     assert "Hippocampus" in widget.ui.modelSelector.currentText()
     assert not button.isEnabled() and button.toolTip() == "Choose the input volume for: MRI."
 
-    widget.addModelFolder(str(hippo3d_model))
+    widget.segment.addModelFolder(str(hippo3d_model))
     assert widget.ui.modelSelector.currentText() == "Dataset901_Hippocampus (3d_fullres)"
     assert "Labels: anterior, posterior" in widget.ui.modelInfoLabel.text()
     assert "Modality: MR" in widget.ui.modelInfoLabel.text()
     assert not button.isEnabled() and button.toolTip() == "Choose the input volume for: MRI."
 
     volume = load_volume(scene, hippo_case)
-    [selector] = widget._channelSelectors
+    [selector] = widget.segment.channelSelectors()
     label = widget.ui.inputVolumesFrame.layout().labelForField(selector)
     assert label.text() == "MRI volume:"
     selector.setCurrentNode(volume)
@@ -61,11 +61,11 @@ def test_panel_segments_a_real_volume(widget, scene, hippo3d_model, hippo_case, 
     from SegmentMBTFELib.colors import segment_colors
     from SegmentMBTFESlicer import segmentation
     volume = load_volume(scene, hippo_case)
-    widget.addModelFolder(str(hippo3d_model))
-    assert widget._channelSelectors[0].currentNode() is volume  # the only volume is picked for the channel
+    widget.segment.addModelFolder(str(hippo3d_model))
+    assert widget.segment.channelSelectors()[0].currentNode() is volume  # the only volume is picked for the channel
     widget.ui.ttaCheckBox.setChecked(False)
     seen = []
-    widget.onProgress = wrap(widget.onProgress, seen)
+    widget.segment.onProgress = wrap(widget.segment.onProgress, seen)
 
     click_segment(widget)
     assert not widget.ui.segmentButton.isEnabled() and widget.ui.cancelButton.isEnabled()
@@ -92,18 +92,18 @@ def test_panel_segments_a_real_volume(widget, scene, hippo3d_model, hippo_case, 
     assert info["Model"] == "Dataset901_Hippocampus (3d_fullres)"
     assert info["Checksum"] == expected.settings["checksum"] and info["Folds"] == "0" and info["TTA"] == "False"
     assert info["Device"] == "cpu" and info["Date"]
-    assert widget._parameterNode.outputSegmentation is node
+    assert widget.logic.getParameterNode().outputSegmentation is node
 
 
 def test_cancel_mid_run_leaves_the_scene_as_it_was(widget, scene, hippo3d_model, large_hippo_case):
     volume = load_volume(scene, large_hippo_case)
-    widget.addModelFolder(str(hippo3d_model))
+    widget.segment.addModelFolder(str(hippo3d_model))
     widget.ui.ttaCheckBox.setChecked(True)  # a long run: 8 mirrored passes over every tile
     before = scene_state(scene)
 
     click_segment(widget)
     wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
-    assert widget._job is not None, "the run ended before it could be cancelled"
+    assert widget.jobs.job is not None, "the run ended before it could be cancelled"
     tile_text = widget.ui.statusLabel.text()
     widget.ui.cancelButton.click()
     assert not widget.ui.cancelButton.isEnabled()
@@ -125,7 +125,7 @@ def test_writing_into_a_segmentation_keeps_the_users_segment(widget, scene, hipp
     user_voxels = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
     user_voxels[10:20, 15:30, 8:20] = 1
     slicer.util.updateSegmentBinaryLabelmapFromArray(user_voxels, output, user_id, volume)
-    widget.addModelFolder(str(hippo3d_model))
+    widget.segment.addModelFolder(str(hippo3d_model))
     widget.ui.outputSegmentationSelector.setCurrentNode(output)
     widget.ui.ttaCheckBox.setChecked(False)
     questions = []
@@ -136,12 +136,12 @@ def test_writing_into_a_segmentation_keeps_the_users_segment(widget, scene, hipp
     model_ids = [output.GetSegmentation().GetNthSegmentID(i) for i in (1, 2)]
     after_first = scene_state(scene)
 
-    widget.confirm = lambda question: questions.append(question) or False  # the user says No
+    widget.segment.confirm = lambda question: questions.append(question) or False  # the user says No
     widget.ui.segmentButton.click()
-    assert widget._job is None and scene_state(scene) == after_first
+    assert widget.jobs.job is None and scene_state(scene) == after_first
     assert "'anterior', 'posterior'" in questions[0] and "all other segments stay" in questions[0]
 
-    widget.confirm = lambda question: True  # the user says Yes
+    widget.segment.confirm = lambda question: True  # the user says Yes
     widget.ui.stepSizeSpinBox.setValue(0.7)
     click_segment(widget)
     wait_for_panel(widget)
@@ -156,11 +156,11 @@ def test_writing_into_a_segmentation_keeps_the_users_segment(widget, scene, hipp
 def test_a_second_segment_is_refused_while_one_runs(widget, scene, module, hippo3d_model, large_hippo_case):
     from SegmentMBTFELib.errors import SegmentError
     volume = load_volume(scene, large_hippo_case)
-    widget.addModelFolder(str(hippo3d_model))
+    widget.segment.addModelFolder(str(hippo3d_model))
     click_segment(widget)
-    job = widget._job
-    widget.onSegmentButton()  # e.g. a double click that got through
-    assert widget._job is job and "already running" in widget.ui.statusLabel.text()
+    job = widget.jobs.job
+    widget.segment.onSegmentButton()  # e.g. a double click that got through
+    assert widget.jobs.job is job and "already running" in widget.ui.statusLabel.text()
     with pytest.raises(SegmentError, match="already running"):
         module.SegmentMBTFELogic().segment(volume, model=str(hippo3d_model), tta=False)
     widget.ui.cancelButton.click()
@@ -175,7 +175,7 @@ def test_errors_reach_the_user_as_one_line(widget, scene, hippo3d_model, hippo_c
     checkpoint = broken / "fold_0" / "checkpoint_final.pth"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # a download cut short
     load_volume(scene, hippo_case)
-    widget.addModelFolder(str(broken))
+    widget.segment.addModelFolder(str(broken))
     before = scene_state(scene)
     with caplog.at_level(logging.ERROR):
         click_segment(widget)
@@ -192,7 +192,7 @@ def test_panel_state_lives_in_the_parameter_node(module, widget, scene, hippo3d_
     import qt
     import slicer
     volume = load_volume(scene, hippo_case)
-    widget.addModelFolder(str(hippo3d_model))
+    widget.segment.addModelFolder(str(hippo3d_model))
     widget.ui.deviceSelector.setCurrentIndex(widget.ui.deviceSelector.findData("cpu"))
     widget.ui.ttaCheckBox.setChecked(False)
     widget.ui.stepSizeSpinBox.setValue(0.75)
@@ -201,14 +201,10 @@ def test_panel_state_lives_in_the_parameter_node(module, widget, scene, hippo3d_
     assert (p.modelPath, p.device, p.tta, p.stepSize, p.folds) == (str(hippo3d_model), "cpu", False, 0.75, "0")
     assert p.inputVolumes == [volume]
 
-    parent = slicer.qMRMLWidget()
-    parent.setLayout(qt.QVBoxLayout())
-    parent.isEntered = True
-    second = module.SegmentMBTFEWidget(parent)
-    second.setup()  # a panel opened later on the same scene shows the same settings
-    assert second.currentModel().path == str(hippo3d_model)
+    second = slicer.modules.segmentmbtfe.newPanel().self()  # a panel opened later on the same scene: same settings
+    assert second.segment.currentModel().path == str(hippo3d_model)
     assert second.ui.deviceSelector.currentText() == "CPU" and not second.ui.ttaCheckBox.isChecked()
-    assert second.ui.stepSizeSpinBox.value() == 0.75 and second._channelSelectors[0].currentNode() is volume
+    assert second.ui.stepSizeSpinBox.value() == 0.75 and second.segment.channelSelectors()[0].currentNode() is volume
     second.cleanup()
 
 
@@ -249,9 +245,9 @@ def check_png(path, width):
 
 
 def test_closing_the_scene_or_the_module_mid_run_cancels_it(widget, scene, hippo3d_model, large_hippo_case):
-    from SegmentMBTFESlicer import runner
+    from SegmentMBTFESlicer import jobs
     load_volume(scene, large_hippo_case)
-    widget.addModelFolder(str(hippo3d_model))
+    widget.segment.addModelFolder(str(hippo3d_model))
     click_segment(widget)
     scene.Clear(0)  # File > Close Scene while the model runs: its result must not land in the new scene
     wait_for_panel(widget, timeout=30)
@@ -261,7 +257,7 @@ def test_closing_the_scene_or_the_module_mid_run_cancels_it(widget, scene, hippo
     load_volume(scene, large_hippo_case)  # the next volume loaded is offered for the empty channel
     click_segment(widget)
     widget.cleanup()  # Slicer unloads the module mid-run
-    assert widget._job is None and not runner.is_running()
+    assert widget.jobs.job is None and not jobs.is_running()
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
@@ -280,7 +276,7 @@ def test_panel_with_the_shipped_model_segments_the_hippocampus(widget, scene, sh
     volume = load_volume(scene, shared_data / "hippocampus" / "train" / "images" / f"{case}.nii.gz")
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / "hippocampus" / "train" / "labels" /
                                                       f"{case}.nii.gz")))
-    widget.addModelFolder(str(SHIPPED_MODEL))
+    widget.segment.addModelFolder(str(SHIPPED_MODEL))
     click_segment(widget)
     wait_for_panel(widget)
     node = widget.ui.outputSegmentationSelector.currentNode()

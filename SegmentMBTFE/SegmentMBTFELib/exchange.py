@@ -1,0 +1,59 @@
+"""What crosses between the Slicer module and its worker process: arrays as files, everything else as JSON.
+
+The module (Slicer's process) and the worker (`segment-mbtfe worker`, see worker.py) share one private job
+folder per request. Arrays travel as `.npy` files, numpy's own format of raw numbers, read back with
+`allow_pickle=False` so that a file can never carry an object to unpickle; geometry, options and results
+travel as JSON. Messages are JSON objects, one per line. This module is the one place both sides agree on
+that format; it imports numpy only (never torch), because Slicer's process uses it too.
+"""
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .volume import Volume
+
+PROTOCOL = 1  # bumped when a message's meaning changes; the module refuses a worker speaking another one
+
+
+def encode(message: dict) -> bytes:
+    """One message as one line of UTF-8 JSON."""
+    return (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+
+
+def decode(line) -> Optional[dict]:
+    """The message on one line, or None when the line is not a JSON object (it is then only logged)."""
+    try:
+        message = json.loads(line.decode("utf-8") if isinstance(line, (bytes, bytearray)) else line)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def write_array(folder, name: str, array: np.ndarray) -> str:
+    """Save `array` as folder/name.npy; returns the file name to put in a message."""
+    file_name = f"{name}.npy"
+    np.save(Path(folder) / file_name, np.ascontiguousarray(array), allow_pickle=False)
+    return file_name
+
+
+def read_array(folder, file_name: str) -> np.ndarray:
+    """An array written by write_array; the name must be a plain file inside the job folder."""
+    path = Path(folder) / file_name
+    if Path(file_name).name != file_name or path.suffix != ".npy":
+        raise ValueError(f"not an array file of the job folder: {file_name!r}")
+    return np.load(path, allow_pickle=False)
+
+
+def write_volume(folder, name: str, volume: Volume) -> dict:
+    """A Volume as an array file plus its geometry (ITK/LPS, as Volume states it)."""
+    return {"file": write_array(folder, name, volume.array), "spacing": list(volume.spacing),
+            "origin": list(volume.origin), "direction": list(volume.direction), "name": volume.name,
+            "metadata": dict(volume.metadata)}
+
+
+def read_volume(folder, description: dict) -> Volume:
+    return Volume(read_array(folder, description["file"]), description["spacing"], description["origin"],
+                  description["direction"], name=str(description.get("name", "")),
+                  metadata={str(k): str(v) for k, v in (description.get("metadata") or {}).items()})

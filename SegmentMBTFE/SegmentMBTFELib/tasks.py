@@ -1,0 +1,116 @@
+"""The engine's jobs as the command line and the Slicer module's worker process both run them.
+
+One code path: `segment-mbtfe predict`, the Segment button, the console's `segmentFiles` and Fine-tune all
+open a model's version, predict, write files and add fine-tuned versions through these functions, so a
+model behaves the same from a terminal and from Slicer.
+"""
+from collections import OrderedDict
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+from .errors import SegmentError
+
+SEG_NRRD = ".seg.nrrd"
+
+
+class ModelCache:
+    """Loaded models by (folder, configuration, folds, checkpoint), the most recently used kept.
+
+    Loading reads every checkpoint and builds the network, so the worker keeps the models it used last: a
+    second Segment with the same model starts at once. Only a few are kept, because each holds its weights."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._models = OrderedDict()
+        self.last_was_cached = False
+
+    def get(self, folder, configuration=None, folds=None, checkpoint: str = "final"):
+        from .model import load_model
+        key = (str(Path(folder).resolve()), configuration, tuple(str(f) for f in folds or ()), checkpoint)
+        self.last_was_cached = key in self._models
+        if self.last_was_cached:
+            self._models.move_to_end(key)
+        else:
+            self._models[key] = load_model(folder, configuration, list(folds) if folds else None, checkpoint)
+            while len(self._models) > self.keep:
+                self._models.popitem(last=False)
+        return self._models[key]
+
+    def clear(self):
+        self._models.clear()
+
+
+def open_model(model_path, version: str = None, configuration: str = None, folds: Sequence = None,
+               checkpoint: str = "final", cache: ModelCache = None):
+    """(Model, Version): the model's chosen version (by default its current one), loaded."""
+    from .model import load_model
+    from .modelfolder import CHECKPOINTS, checkpoint_filename
+    from .versions import ORIGINAL, resolve
+    folder, chosen = resolve(model_path, version, configuration=configuration)
+    if chosen.id != ORIGINAL and checkpoint_filename(checkpoint) != CHECKPOINTS["final"]:
+        raise SegmentError(f"Version {chosen.id} holds only final checkpoints; use --version original for "
+                           f"--checkpoint {checkpoint}.")
+    load = cache.get if cache is not None else load_model
+    return load(folder, configuration, folds, checkpoint), chosen
+
+
+def predict(model, version, volumes, device="auto", step_size: float = 0.5, tta: bool = True,
+            probabilities: bool = False, postprocess: bool = True, previous_stage=None, progress=None,
+            cancel=None):
+    """model.predict, with the version recorded in the prediction's provenance when it is not the original."""
+    from .versions import ORIGINAL
+    prediction = model.predict(volumes, device=device, step_size=step_size, tta=tta, probabilities=probabilities,
+                               postprocess=postprocess, previous_stage=previous_stage, progress=progress,
+                               cancel=cancel)
+    if version is not None and version.id != ORIGINAL:  # recorded in .seg.nrrd files and segmentation nodes
+        prediction.settings["version"] = version.id
+    return prediction
+
+
+def segment_files(model, version, cases: Sequence, output_dir, device="auto", step_size: float = 0.5,
+                  tta: bool = True, progress=None, cancel=None) -> List[Path]:
+    """Segment image files (one path, or a list of channel paths, per case) into output_dir/<case>.seg.nrrd;
+    returns the files written. A case that fails stops the batch; the cases written before it stay."""
+    from .imageio import read_channels
+    from .progress import Progress
+    from .writers import write_prediction
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cases = [[p] if isinstance(p, (str, Path)) else list(p) for p in cases]
+    reporter = Progress(progress, cancel)
+    written = []
+    for index, channels in enumerate(cases):
+        case = reporter.span(index / len(cases), (index + 1) / len(cases))
+        name = case_name(channels[0])
+        prefix = f"{name} ({index + 1}/{len(cases)}): "
+        prediction = predict(model, version, read_channels(channels), device, step_size, tta,
+                             progress=lambda fraction, text: case.report(fraction, prefix + text), cancel=cancel)
+        written += write_prediction(prediction, output_dir / f"{name}{SEG_NRRD}")
+    return written
+
+
+def finetune_version(model, model_path, cases, validation=(), settings=None, progress=None, cancel=None,
+                     target=None, make_current: bool = True, configuration: str = None) -> Tuple[object, object]:
+    """Fine-tune `model` (a loaded version of the model at `model_path`) and write the result as a new
+    version: (Version, FinetuneResult). The model it started from is never modified."""
+    from .finetune import finetune
+    from .versions import ModelVersions
+    versions = ModelVersions(model_path, configuration=configuration)
+    if target is not None:
+        versions.check_target(target)  # before minutes of training
+    result = finetune(model, cases, validation, settings, progress=progress, cancel=cancel)
+    if progress:
+        progress(1.0, "writing the new version")
+    return versions.add(model, result, target=target, make_current=make_current, cancel=cancel), result
+
+
+def case_name(path) -> str:
+    """hippocampus_001_0000.nii.gz -> hippocampus_001 (nnU-Net's channel suffix dropped)."""
+    name = Path(path).name
+    for ending in (SEG_NRRD, ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(ending):
+            name = name[: -len(ending)]
+            break
+    stem, _, suffix = name.rpartition("_")
+    return stem if stem and len(suffix) == 4 and suffix.isdigit() else name
+

@@ -1,0 +1,226 @@
+"""The worker process: all engine work the Slicer module asks for, in a process of its own.
+
+Why a process: Slicer runs PythonQt without thread support, so its main thread holds Python's GIL while Qt
+idles and a Python thread in Slicer's process advances only when the main thread happens to run Python
+(inference there ran 9-15x slower than from a terminal). SlicerNNUnet, SlicerMONAIAuto3DSeg and
+SlicerTotalSegmentator start a new process for every run; this one stays: it keeps the models it loaded,
+so a second Segment starts at once, and it exits after an idle time, when asked, or when its input closes
+(Slicer exited or died). Torch is imported here, never in Slicer's process.
+
+Started by the module as `<PythonSlicer> -m SegmentMBTFELib worker [--idle-timeout SECONDS]`.
+
+Requests, one JSON object per line on stdin (arrays are files in the job's folder: see exchange.py):
+  {"id": 3, "command": "segment", "folder": DIR, "model": PATH, "inputs": [VOLUME, ...], "options": {...}}
+  {"id": 4, "command": "segment_files", "model": PATH, "cases": [[PATH, ...], ...], "output_dir": DIR,
+   "options": {...}}
+  {"id": 5, "command": "finetune", "folder": DIR, "model": PATH, "cases": [CASE, ...], "settings": {...}}
+  Every job request also names "home", the versions home of the module's process (SEGMENTMBTFE_HOME).
+  {"command": "cancel", "id": 3}     stop that job within one tile (or training iteration)
+  {"command": "shutdown"}             cancel what runs, then exit
+Replies, one JSON object per line on stdout (nothing else is written there: prints go to stderr):
+  {"type": "ready", "protocol": 1, "pid": ..., "python": ..., "torch": ...}
+  {"id": 3, "type": "progress", "fraction": 0.42, "stage": "tile 3 of 27", "tile": 3, "tiles": 27}
+  {"id": 3, "type": "fallback", "message": "GPU memory ran out; retrying ..."}
+  {"id": 3, "type": "result", ...}     what the command made (see the _segment, ... functions)
+  {"id": 3, "type": "error", "class": "ModelError", "message": "one sentence"[, "details": traceback]}
+  {"id": 3, "type": "cancelled"}
+  {"type": "exit", "reason": "idle" | "shutdown" | "input closed"}
+"""
+import logging
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from . import exchange
+from .errors import Cancelled, SegmentError
+
+log = logging.getLogger("SegmentMBTFE.worker")
+DEFAULT_IDLE_TIMEOUT = 600.0   # seconds; the module's setting overrides it
+PROGRESS_INTERVAL = 0.05       # at most 20 progress messages a second: the module's display needs no more
+TILE = re.compile(r"tile (\d+) of (\d+)")
+DIGITS = re.compile(r"\d+")
+
+
+def main(idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> int:
+    # The protocol owns the real stdout; anything else printed (by us, torch or a library) goes to stderr.
+    output = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in Slicer's terminal is Slicer's, not ours
+    logging.basicConfig(level=logging.WARNING, format="SegmentMBTFE worker: %(message)s", stream=sys.stderr)
+    worker = Worker(output, idle_timeout)
+    threading.Thread(target=worker.read_requests, args=(sys.stdin.buffer,), name="requests", daemon=True).start()
+    worker.serve()
+    return 0
+
+
+class Worker:
+    def __init__(self, output, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
+        from .tasks import ModelCache
+        self._output = output
+        self._write = threading.Lock()
+        self._requests = queue.Queue()
+        self._state = threading.Lock()  # guards the running job's id and the cancel requests
+        self._running = None
+        self._cancel = threading.Event()
+        self._cancelled_ids = set()      # cancelled before they started
+        self.idle_timeout = idle_timeout
+        self.models = ModelCache()
+
+    # -- messages ---------------------------------------------------------------------------------------
+    def send(self, message: dict) -> None:
+        with self._write:
+            self._output.write(exchange.encode(message))
+
+    def read_requests(self, stream) -> None:
+        """Reader thread: queue the jobs; cancel and shutdown act at once, even while a job runs."""
+        for line in stream:
+            request = exchange.decode(line)
+            if request is None:
+                log.warning("ignored a line that is not a JSON object: %r", line[:200])
+                continue
+            command = request.get("command")
+            if command == "cancel":
+                self._cancel_job(request.get("id"))
+            elif command == "shutdown":
+                self._stop("shutdown")
+                return
+            else:
+                self._requests.put(request)
+        self._stop("input closed")  # Slicer exited or died: nobody is waiting for results
+
+    def _cancel_job(self, job_id) -> None:
+        with self._state:
+            if job_id is None or job_id == self._running:
+                self._cancel.set()
+            else:
+                self._cancelled_ids.add(job_id)
+
+    def _stop(self, reason: str) -> None:
+        self._cancel.set()
+        self._requests.put(reason)
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        import torch  # now, so the first job does not wait for it
+        self.send({"type": "ready", "protocol": exchange.PROTOCOL, "pid": os.getpid(),
+                   "python": sys.executable, "torch": torch.__version__})
+        while True:
+            try:
+                request = self._requests.get(timeout=self.idle_timeout)
+            except queue.Empty:
+                self.send({"type": "exit", "reason": "idle"})
+                return
+            if isinstance(request, str):
+                self.send({"type": "exit", "reason": request})
+                return
+            self.run(request)
+
+    def run(self, request: dict) -> None:
+        job_id = request.get("id")
+        handler = COMMANDS.get(request.get("command"))
+        with self._state:
+            self._running = job_id
+            self._cancel.clear()
+            if job_id in self._cancelled_ids:
+                self._cancelled_ids.discard(job_id)
+                self._cancel.set()
+        if request.get("home"):  # model versions live where the module looks for them
+            os.environ["SEGMENTMBTFE_HOME"] = str(request["home"])
+        try:
+            if handler is None:
+                raise SegmentError(f"The worker does not know the command {request.get('command')!r}.")
+            result = handler(self, request, Reporter(self, job_id), self._cancel)
+            if self._cancel.is_set():
+                raise Cancelled()
+            self.send({"id": job_id, "type": "result", **result})
+        except Cancelled:
+            self.send({"id": job_id, "type": "cancelled"})
+        except SegmentError as error:
+            self.send({"id": job_id, "type": "error", "class": type(error).__name__, "message": str(error)})
+        except Exception as error:  # noqa: BLE001 - a bug: its class, message and traceback go to the module
+            self.send({"id": job_id, "type": "error", "class": type(error).__name__,
+                       "message": str(error) or type(error).__name__, "details": traceback.format_exc()})
+        finally:
+            with self._state:
+                self._running = None
+
+
+class Reporter:
+    """The engine's progress callback: progress messages and fallbacks, as they happen. Within one stage
+    ("tile 3 of 27", "tile 4 of 27"...) at most one message per PROGRESS_INTERVAL; a new stage always."""
+
+    def __init__(self, worker: Worker, job_id):
+        self.worker, self.job_id = worker, job_id
+        self._last, self._last_stage = 0.0, None
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        from .devices import FALLBACK_MESSAGES
+        if stage in FALLBACK_MESSAGES:
+            self.worker.send({"id": self.job_id, "type": "fallback", "message": stage})
+        now, kind = time.monotonic(), DIGITS.sub("#", stage)
+        if now - self._last < PROGRESS_INTERVAL and fraction < 1.0 and kind == self._last_stage:
+            return
+        self._last, self._last_stage = now, kind
+        message = {"id": self.job_id, "type": "progress", "fraction": round(float(fraction), 4), "stage": stage}
+        tile = TILE.search(stage)
+        if tile:
+            message["tile"], message["tiles"] = int(tile.group(1)), int(tile.group(2))
+        self.worker.send(message)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def _segment(worker: Worker, request: dict, progress, cancel) -> dict:
+    """One case from volume files: the label map comes back as a file, segments and provenance as JSON."""
+    from .tasks import open_model, predict
+    folder, options = request["folder"], request.get("options") or {}
+    volumes = [exchange.read_volume(folder, v) for v in request["inputs"]]
+    progress(0.0, "loading the model")
+    model, version = open_model(request["model"], options.get("version"), options.get("configuration"),
+                                options.get("folds"), options.get("checkpoint", "final"), cache=worker.models)
+    prediction = predict(model, version, volumes, options.get("device", "auto"), options.get("step_size", 0.5),
+                         options.get("tta", True), progress=progress, cancel=cancel)
+    return {"labels": exchange.write_array(folder, "labels", prediction.labels.array),
+            "segments": [[int(value), str(name)] for value, name in prediction.segments],
+            "settings": prediction.settings, "messages": prediction.messages,
+            "model_cached": worker.models.last_was_cached}
+
+
+def _segment_files(worker: Worker, request: dict, progress, cancel) -> dict:
+    from .tasks import open_model, segment_files
+    options = request.get("options") or {}
+    progress(0.0, "loading the model")
+    model, version = open_model(request["model"], options.get("version"), options.get("configuration"),
+                                options.get("folds"), options.get("checkpoint", "final"), cache=worker.models)
+    written = segment_files(model, version, request["cases"], request["output_dir"], options.get("device", "auto"),
+                            options.get("step_size", 0.5), options.get("tta", True), progress, cancel)
+    return {"written": [str(path) for path in written]}
+
+
+def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
+    """A new version (not made current: the module does that once it knows nobody cancelled meanwhile)."""
+    from dataclasses import fields
+    from .finetune import Case, FinetuneSettings
+    from .tasks import open_model, finetune_version
+    folder = request["folder"]
+    known = {f.name for f in fields(FinetuneSettings)}
+    settings = FinetuneSettings(**{k: v for k, v in (request.get("settings") or {}).items() if k in known})
+    cases = [Case(str(case["name"]), [exchange.read_volume(folder, v) for v in case["images"]],
+                  exchange.read_volume(folder, case["labels"])) for case in request["cases"]]
+    progress(0.0, "loading the model")
+    model, parent = open_model(request["model"], cache=worker.models)
+    version, result = finetune_version(model, request["model"], cases, (), settings, progress, cancel,
+                                       make_current=False)
+    return {"version": version.id, "version_path": str(version.path), "parent": parent.id,
+            "iterations": result.iterations, "seconds": result.seconds, "device": result.device,
+            "stopped": result.stopped, "frozen": result.frozen, "dice_before": result.dice_before,
+            "dice_after": result.dice_after}
+
+
+COMMANDS = {"segment": _segment, "segment_files": _segment_files, "finetune": _finetune}

@@ -1,0 +1,162 @@
+"""The worker process as Slicer's process sees it, under Slicer's own kind of event loop (the GIL held while Qt
+idles): it stays and keeps its models, exits when idle and comes back, is killed when it does not answer a
+cancel, and a worker that dies mid-run leaves the scene exactly as it was and the next Segment working.
+Slicer's process never imports torch (checked in a process of its own, slicer_session.py)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from slicer_testing import load_volume, scene_state, wait_for, wait_for_panel
+
+pytestmark = pytest.mark.timeout(300)
+HERE = Path(__file__).resolve().parent
+
+
+def job_folders() -> set:
+    return set(Path(tempfile.gettempdir()).glob("SegmentMBTFE-*"))
+
+
+def start_segment(widget, scene, model, image, tta=False):
+    volume = load_volume(scene, image)
+    widget.segment.addModelFolder(str(model))
+    widget.ui.ttaCheckBox.setChecked(tta)
+    widget.ui.segmentButton.click()
+    assert widget.jobs.job is not None, widget.ui.statusLabel.text()
+    return volume
+
+
+def worker_pid() -> int:
+    from SegmentMBTFESlicer import worker
+    return int(worker.shared().process.processId())
+
+
+def test_the_event_loop_holds_the_gil_as_slicers_does(slicer_app):
+    """The stand-in loop must starve Python threads as Slicer's does, or a thread-based design would pass here."""
+    counts, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            counts[0] += 1
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # releases the GIL: the thread runs freely
+    free = counts[0]
+    slicer_app.run_event_loop(None, timeout=0.5)  # Qt idles in C++ with the GIL held, Python only in timers
+    held = counts[0] - free
+    stop.set()
+    thread.join()
+    assert held < 0.2 * free, f"a Python thread advanced {held} steps in Slicer's loop, {free} when free"
+
+
+def test_the_worker_stays_and_keeps_the_model(module, scene, hippo3d_model, hippo_case):
+    from SegmentMBTFESlicer import worker
+    logic = module.SegmentMBTFELogic()
+    volume = load_volume(scene, hippo_case)
+    first = logic.startSegmentation(volume, str(hippo3d_model), tta=False, show3D=False)
+    wait_for(lambda: first.finished)
+    pid = worker_pid()
+    second = logic.startSegmentation(volume, str(hippo3d_model), tta=False, show3D=False)
+    wait_for(lambda: second.finished)
+    assert first.outcome.error is None and second.outcome.error is None, (first.outcome, second.outcome)
+    assert second.reply["model_cached"] and worker_pid() == pid  # the same process, the model already loaded
+    assert worker.shared().ready["python"] == sys.executable  # outside Slicer: this Python (PythonSlicer inside)
+    assert not (job_folders() & {Path(first.folder), Path(second.folder)})  # the job folders are gone
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSEGV], ids=["killed", "segfault"])
+def test_a_worker_that_dies_mid_run_changes_nothing_and_the_next_segment_works(
+        widget, scene, hippo3d_model, hippo_case, large_hippo_case, how):
+    before_folders = job_folders()
+    start_segment(widget, scene, hippo3d_model, large_hippo_case)
+    wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
+    before = scene_state(scene)
+    pid = worker_pid()
+    os.kill(pid, how)
+    wait_for_panel(widget, timeout=30)
+
+    status = widget.ui.statusLabel.text()
+    assert status.startswith("Failed: The segmentation worker process crashed or was killed"), status
+    assert "\n" not in status and scene_state(scene) == before and job_folders() == before_folders
+    widget.ui.segmentButton.click()  # a new worker, transparently
+    wait_for_panel(widget)
+    assert widget.ui.statusLabel.text().startswith("Done"), widget.ui.statusLabel.text()
+    assert worker_pid() != pid
+
+
+def test_a_worker_that_does_not_answer_cancel_is_killed_within_two_seconds(
+        widget, scene, hippo3d_model, large_hippo_case):
+    before_folders = job_folders()
+    start_segment(widget, scene, hippo3d_model, large_hippo_case)
+    wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
+    before = scene_state(scene)
+    pid = worker_pid()
+    os.kill(pid, signal.SIGSTOP)  # frozen: it cannot answer
+    started = time.perf_counter()
+    widget.ui.cancelButton.click()
+    wait_for_panel(widget, timeout=30)
+    elapsed = time.perf_counter() - started
+
+    assert widget.ui.statusLabel.text() == "Cancelled: nothing was changed."
+    assert 1.9 < elapsed < 6, elapsed
+    assert scene_state(scene) == before and job_folders() == before_folders
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+
+
+def test_an_idle_worker_exits_and_comes_back(module, scene, hippo3d_model, hippo_case):
+    import qt
+    from SegmentMBTFESlicer import worker
+    qt.QSettings().setValue(worker.SETTINGS_IDLE, 0.03)  # minutes: 1.8 s
+    worker.stop_shared()
+    logic = module.SegmentMBTFELogic()
+    volume = load_volume(scene, hippo_case)
+    logic.segment(volume, str(hippo3d_model), tta=False, show3D=False)
+    shared = worker.shared()
+    wait_for(lambda: not shared.running, timeout=30, what="the idle worker's exit")
+    assert shared.exit_reason == "idle"
+    qt.QSettings().remove(worker.SETTINGS_IDLE)
+    node = logic.segment(volume, str(hippo3d_model), tta=False, show3D=False)  # started again, transparently
+    assert node.GetSegmentation().GetNumberOfSegments() == 2 and shared.running
+
+
+def test_cleanup_mid_run_is_quick_and_ends_the_worker(widget, scene, hippo3d_model, large_hippo_case):
+    import slicer
+    from SegmentMBTFESlicer import jobs, worker
+    start_segment(widget, scene, hippo3d_model, large_hippo_case, tta=True)
+    wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
+    before = scene_state(scene)
+    started = time.perf_counter()
+    slicer.app.moduleManager().unload("SegmentMBTFE")  # what Slicer does at exit: the widget's cleanup() runs
+    assert time.perf_counter() - started < 1.5
+    assert not worker.shared().running and widget.jobs.job is None and not jobs.is_running()
+    assert widget.ui.statusLabel.text() == "Cancelled: nothing was changed."
+    assert scene_state(scene) == before
+
+
+def test_messages_the_module_does_not_understand_are_logged_never_run(slicer_app, caplog, tmp_path):
+    from SegmentMBTFESlicer import worker
+    marker = tmp_path / "ran"
+    process = worker.WorkerProcess()
+    with caplog.at_level("WARNING"):
+        process._handle(b"Traceback (most recent call last): not a message")
+        process._handle(json.dumps({"type": "exec", "code": f"open({str(marker)!r}, 'w')"}).encode())
+        process._handle(json.dumps({"id": 12345, "type": "result", "labels": "../../etc/passwd"}).encode())
+    assert len([r for r in caplog.records if "ignored" in r.getMessage()]) == 3 and not marker.exists()
+
+
+def test_slicers_process_never_imports_torch(tiny_model, hippo_case, tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / "slicer_session.py"), str(hippo_case), str(tiny_model),
+                             str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["dependencies_ready"] and report["segments"] == 2, report
+    assert report["version"] == "v1" and report["written"] == [hippo_case.name.replace(".nii.gz", ".seg.nrrd")]
+    assert report["torch_imported"] == [] and report["torch_attempts"] == [], report
