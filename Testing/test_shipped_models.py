@@ -69,3 +69,18 @@ def test_default_model_is_the_better_one_on_cross_validation():
     means = {name: _results(MODELS[name])["dice"]["mean"] for name in EXPECTED}
     assert DEFAULT_MODEL == max(means, key=means.get), means
     assert default_model() == MODELS[DEFAULT_MODEL]
+
+
+def test_the_self_test_model_is_model_factorys_tiny_model(tmp_path):
+    """Resources/SelfTest holds the in-Slicer self-test's model. It is shipped as files because writing a
+    checkpoint needs torch, which Slicer's process never imports. It is what model_factory writes, so it can be
+    made again (from Testing/: model_factory.make_model_folder("../Resources/SelfTest",
+    dataset_name="Dataset999_SelfTestHippocampus")) and cannot drift from the tests' tiny models."""
+    import model_factory
+    shipped = Path(__file__).resolve().parents[1] / "Resources" / "SelfTest" / \
+        "Dataset999_SelfTestHippocampus" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    made = model_factory.make_model_folder(tmp_path, dataset_name="Dataset999_SelfTestHippocampus")
+    for name in ("dataset.json", "plans.json"):
+        assert json.loads((shipped / name).read_text()) == json.loads((made / name).read_text()), name
+    ours, theirs = (load_checkpoint(f / "fold_0" / "checkpoint_final.pth")["network_weights"] for f in (shipped, made))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k].numpy(), theirs[k].numpy()) for k in ours)

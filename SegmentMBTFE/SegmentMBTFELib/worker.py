@@ -7,7 +7,8 @@ SlicerTotalSegmentator start a new process for every run; this one stays: it kee
 so a second Segment starts at once, and it exits after an idle time, when asked, or when its input closes
 (Slicer exited or died). Torch is imported here, never in Slicer's process.
 
-Started by the module as `<PythonSlicer> -m SegmentMBTFELib worker [--idle-timeout SECONDS]`.
+Started by the module as `<PythonSlicer> -c "...main()" worker [--idle-timeout SECONDS]`: `segment-mbtfe worker`
+with the engine found beside the module (`python -m SegmentMBTFELib worker` is the same from a terminal).
 
 Requests, one JSON object per line on stdin (arrays are files in the job's folder: see exchange.py):
   {"id": 3, "command": "segment", "folder": DIR, "model": PATH, "inputs": [VOLUME, ...], "options": {...}}

@@ -1,16 +1,24 @@
-"""SegmentMBTFESlicer: the module-side half of SegmentMBTFE (MRML and Qt glue around the engine).
+"""SegmentMBTFESlicer: the module-side half of SegmentMBTFE (Slicer's process: MRML and Qt, never torch).
 
-volumes       volume nodes <-> engine Volumes (RAS <-> LPS)
-segmentation  a label map into a segmentation node, replacing only this model's segments; provenance
-terminology   loads our terminology context into Slicer (names and codes are the engine's terminology)
-catalog       the models to offer (shipped + added folders), read from JSON only
-dependencies  torch via the PyTorch extension, the rest via pip, never replacing Slicer's packages
-jobs          a segmentation in a worker thread, events to the main thread through a queue
-runner        the steps the Segment and Fine-tune buttons and the console API share
-panel         what the panel shows: Segment button state, progress text, folds
-corrections   corrected segments -> the model's label map (by tags or names; the rest reported, never guessed)
-finetune_panel the Fine-tune section: corrected cases, budget, progress, Dice before/after, model versions
-selftest      a tiny, untrained model folder for the self-test inside Slicer
+The panel
+  segment_panel   the Segment section: model, inputs, output, advanced settings, Segment, Cancel
+  finetune_panel  the Fine-tune section: corrected cases, budget, Dice before/after, model versions
+  panel           what the sections show: button states, progress text, error lines
+  job_controller  the panel's one job at a time, shared by both sections
+Jobs and the worker process
+  logic           the console API's work: every engine call is a job for the worker
+  jobs            one job seen from the main thread (progress, cancel, outcome); the application's busy flag
+  worker          the worker process (`segment-mbtfe worker` run by PythonSlicer): started, kept, restarted, stopped
+The scene
+  runner          main-thread steps: volumes copied in, segments written out, corrected cases copied out
+  volumes         volume nodes <-> engine Volumes (RAS <-> LPS)
+  segmentation    a label map into segments, replacing only this model's; provenance; transforms
+  corrections     corrected segments -> the model's label map (by tags or names; the rest reported)
+Around them
+  catalog         the models to offer (shipped + added folders), read from JSON only
+  dependencies    torch via the PyTorch extension, the rest via pip, never replacing Slicer's packages
+  terminology     loads the engine's terminology context into Slicer
+  resources       where Resources/ is; selftest: the in-Slicer self-test's steps
 
-Nothing here imports torch at import time: Slicer loads the module before PyTorch may be installed.
+Nothing here imports torch: the engine runs in the worker process (see worker.py for why).
 """

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SETTINGS_IDLE = "SegmentMBTFE/WorkerIdleMinutes"
 DEFAULT_IDLE_MINUTES = 10.0
 ENGINE_DIR = Path(__file__).resolve().parents[1]  # the folder holding SegmentMBTFELib
+# `segment-mbtfe worker` with the engine found where the module is, whatever PYTHONPATH the launcher sets
+BOOTSTRAP = "import sys; sys.path.insert(0, {engine!r}); from SegmentMBTFELib.cli import main; sys.exit(main())"
 
 
 def worker_python() -> str:
@@ -66,13 +68,9 @@ class WorkerProcess:
 
     def start(self) -> None:
         process = qt.QProcess()
-        environment = qt.QProcessEnvironment.systemEnvironment()
-        path = environment.value("PYTHONPATH", "")
-        environment.insert("PYTHONPATH", str(ENGINE_DIR) + (os.pathsep + path if path else ""))
-        environment.insert("PYTHONUNBUFFERED", "1")
-        process.setProcessEnvironment(environment)
         process.setProgram(self.python)
-        process.setArguments(["-m", "SegmentMBTFELib", "worker", "--idle-timeout", f"{idle_seconds():g}"])
+        process.setArguments(["-c", BOOTSTRAP.format(engine=str(ENGINE_DIR)), "worker",
+                              "--idle-timeout", f"{idle_seconds():g}"])
         process.readyReadStandardOutput.connect(self._readOutput)
         process.readyReadStandardError.connect(self._readErrors)
         process.finished.connect(lambda *args: self._finished(process))
@@ -89,7 +87,7 @@ class WorkerProcess:
         if process is None:
             return
         if self.running:
-            process.write(exchange.encode({"command": "shutdown"}))
+            process.write(qt.QByteArray(exchange.encode({"command": "shutdown"})))
             process.closeWriteChannel()
             if not process.waitForFinished(wait_ms):
                 process.kill()
@@ -130,7 +128,7 @@ class WorkerProcess:
             self._readOutput()
 
     def _send(self, message: dict) -> None:
-        self.process.write(exchange.encode(message))
+        self.process.write(qt.QByteArray(exchange.encode(message)))
 
     # -- what the worker says --------------------------------------------------------------------------
     def _readOutput(self) -> None:
