@@ -9,7 +9,7 @@ Console use:
     logic = slicer.util.getModuleLogic("SegmentMBTFE")   # or SegmentMBTFE.SegmentMBTFELogic()
     segmentation = logic.segment(volumeNode, model="Dataset004_Hippocampus")
     logic.segmentFiles(["case1.nii.gz"], model="/path/to/model", outputDir="/tmp/out")
-    run = logic.finetune(segmentation, model="Dataset004_Hippocampus", iterations=100)  # after correcting it
+    run = logic.finetune(segmentation, model="Dataset004_Hippocampus", minutes=5)  # after correcting it
 """
 import sys
 from typing import Annotated
@@ -182,7 +182,7 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         return logic.start_segmentation(volumeNodes, self._modelPath(model), options, outputSegmentation,
                                         onProgress, onFinished)
 
-    def finetune(self, segmentationNodes, volumeNodes=None, model=None, iterations: int = 200, minutes: float = None,
+    def finetune(self, segmentationNodes, volumeNodes=None, model=None, iterations: int = None, minutes: float = None,
                  learningRate: float = 1e-3, freezeEncoder: bool = False, device: str = "auto",
                  makeCurrent: bool = True, progress=None, cancel=None):
         """Fine-tune `model` on corrected segmentation(s) and write the result as a new version of it.
@@ -191,7 +191,8 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         by the tags Segment wrote or by their names (segments matching no label are left out and reported).
         volumeNodes: None (each segmentation's reference volume), or per segmentation a volume node or a
         list of channel volumes. model: a folder, a model's name, or None for the model that made the first
-        segmentation. Returns a run with .version (id, path; current when makeCurrent), .result
+        segmentation. minutes: the whole run's time budget (default 5 on a CPU, 2 on a GPU, unless iterations
+        is given); iterations: a fixed count instead. Returns a run with .version (id, path; current when makeCurrent), .result
         (dice_before / dice_after) and .dice_text(). The original model is never modified. Blocks.
         """
         self.ensureDependencies()
@@ -199,7 +200,7 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         settings = runner.finetune_settings(iterations, minutes, learningRate, freezeEncoder, device)
         return logic.finetune(plan, settings, makeCurrent, progress or logic.LogProgress(), cancel)
 
-    def startFinetune(self, segmentationNodes, volumeNodes=None, model=None, iterations: int = 200,
+    def startFinetune(self, segmentationNodes, volumeNodes=None, model=None, iterations: int = None,
                       minutes: float = None, learningRate: float = 1e-3, freezeEncoder: bool = False,
                       device: str = "auto", onProgress=None, onFinished=None):
         """finetune() as a background job, like startSegmentation; outcome.result is the run."""

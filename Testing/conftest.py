@@ -48,6 +48,25 @@ def versions_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict:
+    """Tiny model folders written by model_factory (no nnU-Net): one channel, two channels (T1, T2), and 2d."""
+    import model_factory
+    root = tmp_path_factory.mktemp("factory_models")
+    return {
+        "one": model_factory.make_model_folder(root, dataset_name="Dataset999_Tiny"),
+        "two": model_factory.make_model_folder(root, channels=("T1", "T2"), dataset_name="Dataset992_Two"),
+        "flat": model_factory.make_model_folder(root, configuration="2d", dataset_name="Dataset993_Flat"),
+    }
+
+
+@pytest.fixture(scope="session")
+def good_image(tmp_path_factory) -> Path:
+    """A small 3D image with structure (22 x 24 x 20 NRRD) that the tiny models segment into several labels."""
+    from hostile_files import smooth_volume, write_image
+    return write_image(tmp_path_factory.mktemp("inputs") / "case.nrrd", smooth_volume())
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real, public test data); tests that need it skip when it is absent."""
     if not (ref.DEFAULT_DATA_DIR / "hippocampus").is_dir():

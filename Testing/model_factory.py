@@ -194,3 +194,49 @@ def make_model_folder(root, channels: Sequence[str] = DEFAULT_CHANNELS, labels: 
         torch.save(checkpoint_dict(weights, plans, dataset, configuration, fold, trainer, mirror_axes),
                    fold_dir / "checkpoint_final.pth")
     return folder
+
+
+def add_configuration(dataset_folder, trained, configuration_name, settings, n_in, labels=None):
+    """Write a `<trainer>__nnUNetPlans__<configuration>` folder holding the given configuration's weights
+    (its plans also go into `trained`): how nnU-Net's planner adds 3d_lowres and 3d_cascade_fullres."""
+    labels = labels or DEFAULT_LABELS
+    plans = json.loads((trained / "plans.json").read_text())
+    plans["configurations"][configuration_name] = settings
+    dataset = json.loads((trained / "dataset.json").read_text())
+    for folder in (trained, dataset_folder / f"nnUNetTrainer__nnUNetPlans__{configuration_name}"):
+        folder.mkdir(exist_ok=True)
+        (folder / "plans.json").write_text(json.dumps(plans))
+        (folder / "dataset.json").write_text(json.dumps(dataset))
+    resolved = dict(plans["configurations"]["3d_fullres"], **{k: v for k, v in settings.items()
+                                                            if k != "inherits_from"})
+    weights = network_weights(resolved, n_in, num_heads(labels), seed=3)
+    fold = dataset_folder / f"nnUNetTrainer__nnUNetPlans__{configuration_name}" / "fold_0"
+    fold.mkdir()
+    torch.save(checkpoint_dict(weights, plans, dataset, configuration_name, mirror_axes=(0, 1, 2)),
+               fold / "checkpoint_final.pth")
+    return fold.parent
+
+
+def make_cascade(root) -> Path:
+    """A dataset folder with 3d_fullres, 3d_lowres (at 2 mm) and 3d_cascade_fullres (refining 3d_lowres)."""
+    fullres = make_model_folder(root)
+    dataset_folder = fullres.parent
+    lowres_settings = dict(json.loads((fullres / "plans.json").read_text())["configurations"]["3d_fullres"],
+                           spacing=[2.0, 2.0, 2.0], next_stage="3d_cascade_fullres")
+    lowres = add_configuration(dataset_folder, fullres, "3d_lowres", lowres_settings, n_in=1)
+    add_configuration(dataset_folder, lowres, "3d_cascade_fullres",
+                      {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}, n_in=1 + 2)
+    return dataset_folder
+
+
+def perturbed_version(model_path: Path, shift: float):
+    """A version written by ModelVersions.add from real perturbed weights (no training: fast)."""
+    from SegmentMBTFELib import load_model
+    from SegmentMBTFELib.finetune import FinetuneResult, FinetuneSettings
+    from SegmentMBTFELib.versions import ModelVersions, resolve
+    folder, _ = resolve(model_path)
+    loaded = load_model(folder)
+    weights = {f: {k: v + shift if v.is_floating_point() else v for k, v in w.items()}
+               for f, w in zip(loaded.folds, loaded.weights)}
+    result = FinetuneResult(weights, FinetuneSettings(iterations=1), 1, 0.1, {f: [0.5] for f in loaded.folds}, [])
+    return ModelVersions(folder).add(loaded, result)

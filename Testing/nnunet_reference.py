@@ -28,6 +28,8 @@ Kinds (all tiny: 4 stages, 8/16/32/64 features; see KINDS, DATASETS and PLANNERS
     hippo3d_oldplans        hippo3d's checkpoint with plans.json in the nnU-Net <= 2.2 format
     hippo3d_postprocessing  hippo3d plus crossval_results_folds_0/postprocessing.{pkl,json} asking for the
                             largest foreground component, then the largest component of labels 1 and 2
+    ct25                    CT, 25 labels (TotalSegmentator's structures grouped), 1.5 mm iso, patch 64^3:
+                            the many-label model of benchmarks/bench_big_ct.py (not used by the tests)
 """
 from __future__ import annotations
 
@@ -74,6 +76,11 @@ CT_CASES = (
     ((30, 40, 6), (52, 52, 20), (1.25, 1.25, 5.2)),
 )
 CT_TARGET_SPACING = (4.8, 1.2, 1.2)  # numpy/ITK-array order (z, y, x), as nnU-Net's planner expects it
+# The many-label CT: the TotalSegmentator structures present in example_seg in 25 groups, crops at 1.5 mm.
+CT25_GROUPS = 25
+CT25_CASES = (((10, 10, 2), (60, 50, 22)), ((40, 30, 0), (60, 56, 24)), ((20, 40, 6), (64, 50, 20)),
+              ((50, 20, 4), (56, 60, 22)), ((30, 25, 8), (62, 54, 20)))
+CT25_SPACING = (1.5, 1.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ DATASETS = {
                                                                               ("2d", (64, 32))), regions=True),
     "ct": Dataset(903, "CTAniso", "ct", (("3d_fullres", (6, 48, 48)), ("2d", (64, 64))),
                   target_spacing=CT_TARGET_SPACING),
+    "ct25": Dataset(904, "CT25Labels", "ct25", (("3d_fullres", (64, 64, 64)),), target_spacing=CT25_SPACING),
 }
 
 # Planner -> (plans identifier it writes, tiny width). Features are per stage (deeper stages keep the last);
@@ -146,6 +154,11 @@ KINDS = {k.name: k for k in (
 )}
 
 
+# Kinds for benchmarks only (the tests do not build them): the many-label CT of benchmarks/bench_big_ct.py.
+BENCHMARK_KINDS = {k.name: k for k in (Kind("ct25", "ct25"),)}
+ALL_KINDS = {**KINDS, **BENCHMARK_KINDS}
+
+
 class NnunetReferenceError(RuntimeError):
     """nnunetv2 itself failed; the message carries the tail of its log."""
 
@@ -167,7 +180,7 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
     differ. A repeated call with the same arguments (and the same version of this file and of nnunetv2)
     returns the existing folder; anything else rebuilds it.
     """
-    spec = KINDS[kind]
+    spec = ALL_KINDS[kind]
     root = Path(root).resolve()
     folds = tuple(spec.folds if folds is None else folds)
     data_dir = str(Path(data_dir or DEFAULT_DATA_DIR).resolve())
@@ -480,6 +493,9 @@ def _write_raw_dataset(dataset: Dataset, raw: Path, data_dir: Path) -> None:
         channel, labels = "MRI", {"background": 0, "anterior": 1, "posterior": 2}
         if dataset.regions:
             labels = {"background": 0, "hippocampus": [1, 2], "posterior": 2}
+    elif dataset.source == "ct25":
+        n = _write_ct25_cases(raw, data_dir)
+        channel, labels = "CT", {"background": 0, **{f"group_{g:02d}": g for g in range(1, CT25_GROUPS + 1)}}
     else:
         n = _write_ct_cases(raw, data_dir)
         channel, labels = "CT", CT_LABELS
@@ -515,6 +531,26 @@ def _write_ct_cases(raw: Path, data_dir: Path) -> int:
         sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(raw / "imagesTr" / f"ct_{i:03d}_0000.nii.gz"))
         sitk.WriteImage(label, str(raw / "labelsTr" / f"ct_{i:03d}.nii.gz"))
     return len(CT_CASES)
+
+
+def _write_ct25_cases(raw: Path, data_dir: Path) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+    ts = data_dir / "formats" / "totalsegmentator"
+    ct = sitk.ReadImage(str(ts / "example_ct_sm.nii.gz"))
+    seg = sitk.ReadImage(str(ts / "example_seg.nii.gz"))
+    ids = sitk.GetArrayFromImage(seg)
+    present = [int(v) for v in np.unique(ids) if v]  # every group gets some of the structures in this scan
+    lut = np.zeros(int(ids.max()) + 1, np.uint8)
+    lut[present] = [1 + rank * CT25_GROUPS // len(present) for rank in range(len(present))]
+    grouped = sitk.GetImageFromArray(lut[ids])
+    grouped.CopyInformation(seg)
+    for i, (index, size) in enumerate(CT25_CASES):
+        image = _resample(sitk.RegionOfInterest(ct, size, index), CT25_SPACING, sitk.sitkLinear, -1024)
+        label = _resample(sitk.RegionOfInterest(grouped, size, index), CT25_SPACING, sitk.sitkNearestNeighbor, 0)
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(raw / "imagesTr" / f"ct25_{i:03d}_0000.nii.gz"))
+        sitk.WriteImage(label, str(raw / "labelsTr" / f"ct25_{i:03d}.nii.gz"))
+    return len(CT25_CASES)
 
 
 def _resample(image, spacing, interpolator, default):

@@ -1,5 +1,6 @@
 """Ctrl+C on the command line, as a user presses it: run a command with stderr on a pseudo-terminal (so its
-progress bar shows the stage), wait until a marker appears there, send SIGINT, and collect the rest."""
+progress bar shows the stage), wait until a marker appears there, send SIGINT (or SIGTERM, SIGKILL: what a
+scheduler or a crash sends), and collect the rest."""
 import os
 import select
 import signal
@@ -7,8 +8,9 @@ import subprocess
 import time
 
 
-def interrupt_when(command, marker: bytes, timeout: float = 60):
-    """(exit code, everything written to stderr) of `command` interrupted once `marker` was printed."""
+def interrupt_when(command, marker: bytes, timeout: float = 60, sig=signal.SIGINT, delay: float = 0.0):
+    """(exit code, everything written to stderr) of `command` sent `sig` (Ctrl+C's SIGINT unless told)
+    `delay` seconds after `marker` was printed."""
     import pty
     master, slave = pty.openpty()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
@@ -19,7 +21,8 @@ def interrupt_when(command, marker: bytes, timeout: float = 60):
         while marker not in seen and time.monotonic() < deadline and process.poll() is None:
             seen += _read(master, 0.5)
         assert marker in seen, f"{marker!r} never appeared: {seen!r}"
-        process.send_signal(signal.SIGINT)
+        time.sleep(delay)
+        process.send_signal(sig)
         code = process.wait(timeout=60)
         while True:  # the rest of stderr
             chunk = _read(master, 0.2)

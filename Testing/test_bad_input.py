@@ -1,17 +1,12 @@
-"""Bad input through the real command line: one clear line on stderr, a non-zero exit, no output left behind.
+"""The command line's behaviour around bad input, beyond the catalogue of cases (test_safety.py runs those).
 
-Every case runs `SegmentMBTFELib.cli.main` in this process (stderr captured) and a representative subset
-also runs the installed `segment-mbtfe` in a subprocess, which is where a traceback would show. The model
-folders are written by `model_factory` (no nnunetv2 needed); the bad files are real files: a checkpoint cut
-in half, random bytes, a pickle that runs a shell command, NaN volumes written by SimpleITK, a 2D NIfTI.
-
-Also here: `models info`, successful predictions (.nii.gz, .nrrd, .seg.nrrd, a DICOM folder, --probabilities)
-keeping the input's geometry, and cancelling (Python API and Ctrl+C on the command line).
+Here: `--debug` showing the traceback, the malicious checkpoint's payload proven live, an existing output
+surviving a failed run, a failure while writing leaving nothing, `models info`, successful predictions
+(.nii.gz, .nrrd, .seg.nrrd, a DICOM folder, --probabilities) keeping the input's geometry, and cancelling
+(Python API and Ctrl+C on the command line). Model folders are written by `model_factory` (no nnunetv2).
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,6 +20,7 @@ import SimpleITK as sitk
 import torch
 
 import model_factory
+from safety_catalogue import malicious_model
 from terminal import interrupt_when
 from SegmentMBTFELib import Cancelled, InputError, load_model
 from SegmentMBTFELib import cli
@@ -79,26 +75,6 @@ def assert_one_clear_line(code, err, needles):
     return line
 
 
-def write_image(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> Path:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing[: image.GetDimension()])
-    image.SetOrigin(origin[: image.GetDimension()])
-    sitk.WriteImage(image, str(path))
-    return path
-
-
-def smooth_volume(shape=(20, 24, 22), seed=0) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-    noise = np.random.default_rng(seed).normal(size=shape)
-    return (gaussian_filter(noise, 2) * 300 + 200).astype(np.float32)
-
-
-def copy_model(model: Path, where: Path) -> Path:
-    target = where / "model" / model.name
-    shutil.copytree(model, target)
-    return target
-
-
 def assert_same_geometry(a: sitk.Image, b: sitk.Image):
     assert a.GetSize() == b.GetSize()
     np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-5)
@@ -106,31 +82,8 @@ def assert_same_geometry(a: sitk.Image, b: sitk.Image):
     np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
 
 
-class RunsCode:
-    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 # ----------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("factory_models")
-    return {
-        "one": model_factory.make_model_folder(root, dataset_name="Dataset991_One"),
-        "two": model_factory.make_model_folder(root, channels=("T1", "T2"), dataset_name="Dataset992_Two"),
-    }
-
-
-@pytest.fixture(scope="session")
-def good_image(tmp_path_factory) -> Path:
-    return write_image(tmp_path_factory.mktemp("inputs") / "case.nrrd", smooth_volume())
-
+# (models and good_image: conftest.py)
 
 @pytest.fixture()
 def out_dir(tmp_path) -> Path:
@@ -139,231 +92,14 @@ def out_dir(tmp_path) -> Path:
     return folder
 
 
-# Each case: (tmp_path, models, good_image) -> (arguments after "predict", words the message must hold).
-def _missing_input(tmp, models, image):
-    return ["-m", models["one"], "-i", tmp / "nowhere.nii.gz"], ["not found", "nowhere.nii.gz"]
-
-
-def _missing_model(tmp, models, image):
-    return ["-m", tmp / "no_such_model", "-i", image], ["not found", "no_such_model"]
-
-
-def _no_plans(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    (model / "plans.json").unlink()
-    return ["-m", model, "-i", image], ["plans.json"]
-
-
-def _broken_plans(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    (model / "plans.json").write_text('{"configurations": {')
-    return ["-m", model, "-i", image], ["plans.json", "json"]
-
-
-def _missing_fold(tmp, models, image):
-    return ["-m", models["one"], "-i", image, "-f", "3"], ["fold 3", "available: 0"]
-
-
-def _missing_checkpoint(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    (model / "fold_0" / "checkpoint_final.pth").unlink()
-    return ["-m", model, "-i", image], ["checkpoint"]
-
-
-def _unknown_configuration(tmp, models, image):
-    return ["-m", models["one"], "-i", image, "-c", "3d_lowres"], ["3d_lowres", "not in plans.json"]
-
-
-def _truncated_checkpoint(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    checkpoint = model / "fold_0" / "checkpoint_final.pth"
-    data = checkpoint.read_bytes()
-    checkpoint.write_bytes(data[: len(data) // 2])
-    return ["-m", model, "-i", image], ["truncated or corrupt", "checkpoint_final.pth"]
-
-
-def _random_checkpoint(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    (model / "fold_0" / "checkpoint_final.pth").write_bytes(np.random.default_rng(7).bytes(50_000))
-    return ["-m", model, "-i", image], ["truncated or corrupt"]
-
-
-def _edit_weights(model: Path, edit):
-    path = model / "fold_0" / "checkpoint_final.pth"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    edit(checkpoint["network_weights"])
-    torch.save(checkpoint, path)
-
-
-def _weights_missing_key(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    _edit_weights(model, lambda w: w.pop("decoder.seg_layers.1.weight"))
-    return ["-m", model, "-i", image], ["do not fit", "missing 1 keys", "decoder.seg_layers.1.weight"]
-
-
-def _weights_unexpected_key(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    _edit_weights(model, lambda w: w.__setitem__("decoder.extra_head.weight", torch.zeros(3)))
-    return ["-m", model, "-i", image], ["do not fit", "unexpected 1 keys", "decoder.extra_head.weight"]
-
-
-def _weights_wrong_shape(tmp, models, image):
-    model = copy_model(models["one"], tmp)
-    _edit_weights(model, lambda w: w.__setitem__("decoder.seg_layers.1.bias", torch.zeros(5)))
-    return ["-m", model, "-i", image], ["do not fit", "decoder.seg_layers.1.bias", "(5,)", "(3,)"]
-
-
-def _two_images_one_channel(tmp, models, image):
-    return ["-m", models["one"], "-i", image, image], ["needs 1 input image", "got 2"]
-
-
-def _one_image_two_channels(tmp, models, image):
-    return ["-m", models["two"], "-i", image], ["needs 2 input image", "T1, T2", "got 1"]
-
-
-def _channels_on_different_grids(tmp, models, image):
-    other = write_image(tmp / "other.nrrd", smooth_volume((20, 24, 23)))
-    return ["-m", models["two"], "-i", image, other], ["do not share one voxel grid"]
-
-
-def _image_2d(tmp, models, image):
-    flat = write_image(tmp / "slice.nii.gz", smooth_volume((40, 30)))
-    assert sitk.ReadImage(str(flat)).GetDimension() == 2
-    return ["-m", models["one"], "-i", flat], ["2D image", "3D volumes"]
-
-
-# ITK's NIfTI reader turns NaN into 0 on reading (so nnU-Net never sees them either); NRRD and MetaImage
-# keep them, so the NaN cases are written as those.
-def _all_nan(tmp, models, image):
-    path = write_image(tmp / "nan.nrrd", np.full((20, 24, 22), np.nan, np.float32))
-    return ["-m", models["one"], "-i", path], ["only NaN"]
-
-
-def _partly_nan(tmp, models, image):
-    array = smooth_volume()
-    array[5, 6, 7] = array[9, 9, 9] = np.nan
-    path = write_image(tmp / "partly_nan.nrrd", array)
-    return ["-m", models["one"], "-i", path], ["2 NaN or infinite voxels"]
-
-
-def _infinite(tmp, models, image):
-    array = smooth_volume()
-    array[1, 2, 3] = np.inf
-    path = write_image(tmp / "infinite.mha", array)
-    return ["-m", models["one"], "-i", path], ["1 NaN or infinite voxels"]
-
-
-def _all_zero(tmp, models, image):
-    path = write_image(tmp / "zeros.nii.gz", np.zeros((20, 24, 22), np.int16))
-    return ["-m", models["one"], "-i", path], ["no content", "every voxel is 0"]
-
-
-def _constant(tmp, models, image):
-    path = write_image(tmp / "constant.nii.gz", np.full((20, 24, 22), 7, np.int16))
-    return ["-m", models["one"], "-i", path], ["no content", "every voxel is 7"]
-
-
-def _not_an_image(tmp, models, image):
-    path = tmp / "notes.txt"
-    path.write_text("not an image")
-    return ["-m", models["one"], "-i", path], ["not a supported image"]
-
-
-def _damaged_image(tmp, models, image):
-    path = tmp / "damaged.nii.gz"
-    write_image(path, smooth_volume())
-    path.write_bytes(path.read_bytes()[:200])
-    return ["-m", models["one"], "-i", path], ["damaged.nii.gz"]
-
-
-def _unsupported_output(tmp, models, image):
-    return ["-m", models["one"], "-i", image], ["cannot write", ".png"]
-
-
-BAD_CASES = {
-    "missing_input": _missing_input,
-    "missing_model": _missing_model,
-    "no_plans": _no_plans,
-    "broken_plans": _broken_plans,
-    "missing_fold": _missing_fold,
-    "missing_checkpoint": _missing_checkpoint,
-    "unknown_configuration": _unknown_configuration,
-    "truncated_checkpoint": _truncated_checkpoint,
-    "random_checkpoint": _random_checkpoint,
-    "weights_missing_key": _weights_missing_key,
-    "weights_unexpected_key": _weights_unexpected_key,
-    "weights_wrong_shape": _weights_wrong_shape,
-    "two_images_one_channel": _two_images_one_channel,
-    "one_image_two_channels": _one_image_two_channels,
-    "channels_on_different_grids": _channels_on_different_grids,
-    "image_2d": _image_2d,
-    "all_nan": _all_nan,
-    "partly_nan": _partly_nan,
-    "infinite": _infinite,
-    "all_zero": _all_zero,
-    "constant": _constant,
-    "not_an_image": _not_an_image,
-    "damaged_image": _damaged_image,
-    "unsupported_output": _unsupported_output,
-}
-# The ones also run through a real subprocess, where a traceback would show. Each start costs about 2 s of CPU
-# importing torch, so: one input error and one model error (the malicious checkpoint and --debug also run as
-# subprocesses); the other cases take the same path through cli.main.
-SUBPROCESS_CASES = ["missing_input", "random_checkpoint"]
-
-
-def _case(name, tmp_path, models, good_image, out_dir):
-    args, needles = BAD_CASES[name](tmp_path, models, good_image)
-    output = out_dir / ("seg.png" if name == "unsupported_output" else "seg.nii.gz")
-    return ["predict", "--no-tta", "-o", output] + args, needles
-
-
-# ------------------------------------------------------------------------------------------------- bad input
-
-@pytest.mark.parametrize("name", list(BAD_CASES))
-def test_bad_input_gives_one_line_and_no_output(name, tmp_path, models, good_image, out_dir, capsys):
-    args, needles = _case(name, tmp_path, models, good_image, out_dir)
-    code, out, err = run_inprocess(capsys, args)
-    assert_one_clear_line(code, err, needles)
-    assert list(out_dir.iterdir()) == [], "a failed run left files in the output folder"
-
-
 @pytest.fixture(scope="module")
-def subprocess_runs(models, good_image, tmp_path_factory):
-    """SUBPROCESS_CASES, `--debug` and a malicious checkpoint, run at once by the installed command."""
-    cases, commands = {}, []
-    for name in SUBPROCESS_CASES:
-        tmp = tmp_path_factory.mktemp(f"subprocess_{name}")
-        out_dir = tmp / "out"
-        out_dir.mkdir()
-        args, needles = _case(name, tmp, models, good_image, out_dir)
-        cases[name] = (needles, out_dir)
-        commands.append(args)
+def debug_run(good_image, tmp_path_factory):
+    """`--debug` with a missing model, run by the installed command (where a traceback shows)."""
     tmp = tmp_path_factory.mktemp("subprocess_debug")
     (tmp / "out").mkdir()
-    cases["--debug"] = ([], tmp / "out")
-    commands.append(["--debug", "predict", "-m", tmp / "no_such_model", "-i", good_image,
-                     "-o", tmp / "out" / "seg.nii.gz"])
-    tmp = tmp_path_factory.mktemp("subprocess_malicious")
-    (tmp / "out").mkdir()
-    marker = Path(f"/tmp/pwned-{uuid.uuid4().hex}")
-    cases["malicious"] = (["refusing", "system"], tmp / "out")
-    commands.append(["predict", "--no-tta", "-m", _malicious_model(tmp, models, marker), "-i", good_image,
-                     "-o", tmp / "out" / "seg.nii.gz"])
-    try:
-        runs = {name: (result, *case) for (name, case), result in zip(cases.items(), run_many(commands))}
-        runs["malicious marker"] = marker
-        yield runs
-    finally:
-        marker.unlink(missing_ok=True)
-
-
-@pytest.mark.parametrize("name", SUBPROCESS_CASES)
-def test_bad_input_through_installed_command(name, subprocess_runs):
-    (code, out, err), needles, out_dir = subprocess_runs[name]
-    assert code == cli.EXIT_ERROR
-    assert_one_clear_line(code, err, needles)
-    assert list(out_dir.iterdir()) == []
+    [result] = run_many([["--debug", "predict", "-m", tmp / "no_such_model", "-i", good_image,
+                          "-o", tmp / "out" / "seg.nii.gz"]])
+    return result, tmp / "out"
 
 
 def test_models_info_on_a_missing_folder(tmp_path, capsys):
@@ -371,36 +107,20 @@ def test_models_info_on_a_missing_folder(tmp_path, capsys):
     assert_one_clear_line(code, err, ["not found"])
 
 
-def test_debug_shows_the_traceback(subprocess_runs):
-    (code, out, err), _, out_dir = subprocess_runs["--debug"]
+def test_debug_shows_the_traceback(debug_run):
+    (code, out, err), out_dir = debug_run
     assert code != 0
     assert "Traceback (most recent call last)" in err
     assert "ModelError" in err and "no_such_model" in err
     assert list(out_dir.iterdir()) == []
 
 
-def _malicious_model(tmp: Path, models, marker: Path) -> Path:
-    """A copy of the tiny model whose checkpoint, when unpickled, runs `touch marker` (in `logging`)."""
-    model = copy_model(models["one"], tmp)
-    path = model / "fold_0" / "checkpoint_final.pth"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    checkpoint["logging"] = RunsCode(f"touch {marker}")
-    torch.save(checkpoint, path)
-    return model
-
-
-def test_malicious_checkpoint_is_refused_without_running_code(subprocess_runs, models, tmp_path):
-    (code, out, err), needles, out_dir = subprocess_runs["malicious"]
-    marker = subprocess_runs["malicious marker"]
-    line = assert_one_clear_line(code, err, needles)
-    assert not marker.exists(), "loading the checkpoint ran the code inside it"
-    assert "checkpoint_final.pth" in line
-    assert list(out_dir.iterdir()) == []
-
-    # The payload is live: unpickled the way nnU-Net does it (weights_only=False) it does run its command.
+def test_the_malicious_checkpoint_payload_is_live(models, tmp_path):
+    """The catalogue's malicious checkpoint is refused without running code (test_safety.py); here the proof
+    that its payload is real: unpickled the way nnU-Net does it (weights_only=False) it runs its command."""
     proof = Path(f"/tmp/pwned-proof-{uuid.uuid4().hex}")
     try:
-        model = _malicious_model(tmp_path, models, proof)
+        model = malicious_model(tmp_path, models["one"], proof)
         torch.load(model / "fold_0" / "checkpoint_final.pth", weights_only=False)
         assert proof.exists(), "the crafted pickle should run its command when unpickled unsafely"
     finally:

@@ -6,52 +6,23 @@ spacing; the cascade inheriting 3d_fullres and naming 3d_lowres as its previous 
 previous stage becomes one one-hot input channel per foreground label, its absence is one clear error,
 and the whole chain runs from the command line.
 """
-import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 import model_factory
 from SegmentMBTFELib import InputError, load_model
 from SegmentMBTFELib.imageio import read_volume
 from SegmentMBTFELib.volume import Volume
 
-LABELS = {"background": 0, "anterior": 1, "posterior": 2}
-
-
-def add_configuration(dataset_folder, trained, configuration_name, settings, n_in):
-    """Write a `<trainer>__nnUNetPlans__<configuration>` folder holding the given configuration's weights."""
-    plans = json.loads((trained / "plans.json").read_text())
-    plans["configurations"][configuration_name] = settings
-    dataset = json.loads((trained / "dataset.json").read_text())
-    for folder in (trained, dataset_folder / f"nnUNetTrainer__nnUNetPlans__{configuration_name}"):
-        folder.mkdir(exist_ok=True)
-        (folder / "plans.json").write_text(json.dumps(plans))
-        (folder / "dataset.json").write_text(json.dumps(dataset))
-    resolved = dict(plans["configurations"]["3d_fullres"], **{k: v for k, v in settings.items()
-                                                            if k != "inherits_from"})
-    weights = model_factory.network_weights(resolved, n_in, model_factory.num_heads(LABELS), seed=3)
-    fold = dataset_folder / f"nnUNetTrainer__nnUNetPlans__{configuration_name}" / "fold_0"
-    fold.mkdir()
-    torch.save(model_factory.checkpoint_dict(weights, plans, dataset, configuration_name, mirror_axes=(0, 1, 2)),
-               fold / "checkpoint_final.pth")
-    return fold.parent
-
-
 @pytest.fixture
 def cascade(tmp_path):
-    fullres = model_factory.make_model_folder(tmp_path, labels=LABELS)
-    dataset_folder = fullres.parent
-    lowres_settings = dict(json.loads((fullres / "plans.json").read_text())["configurations"]["3d_fullres"],
-                           spacing=[2.0, 2.0, 2.0], next_stage="3d_cascade_fullres")
-    lowres = add_configuration(dataset_folder, fullres, "3d_lowres", lowres_settings, n_in=1)
-    cascade = add_configuration(dataset_folder, lowres, "3d_cascade_fullres",
-                                {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}, n_in=1 + 2)
-    return dataset_folder, lowres, cascade
+    dataset_folder = model_factory.make_cascade(tmp_path)
+    return (dataset_folder, dataset_folder / "nnUNetTrainer__nnUNetPlans__3d_lowres",
+            dataset_folder / "nnUNetTrainer__nnUNetPlans__3d_cascade_fullres")
 
 
 def case():

@@ -21,9 +21,8 @@ import model_factory
 from terminal import interrupt_when
 from SegmentMBTFELib import cli, load_model, shipped
 from SegmentMBTFELib.errors import ModelError
-from SegmentMBTFELib.finetune import FinetuneResult, FinetuneSettings
 from SegmentMBTFELib.segfile import read_seg_nrrd
-from SegmentMBTFELib.versions import VERSION_FILE, ModelVersions, resolve
+from SegmentMBTFELib.versions import VERSION_FILE, ModelVersions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus" / "train"
 needs_data = pytest.mark.skipif(not (DATA / "images" / "hippocampus_001.nii.gz").is_file(),
@@ -88,16 +87,6 @@ def one_error_line(code, err, *needles):
 
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def perturbed_version(model_path: Path, shift: float):
-    """A version written by ModelVersions.add from real perturbed weights (no training: for the models commands)."""
-    folder, _ = resolve(model_path)
-    loaded = load_model(folder)
-    weights = {f: {k: v + shift if v.is_floating_point() else v for k, v in w.items()}
-               for f, w in zip(loaded.folds, loaded.weights)}
-    result = FinetuneResult(weights, FinetuneSettings(iterations=1), 1, 0.1, {f: [0.5] for f in loaded.folds}, [])
-    return ModelVersions(folder).add(loaded, result)
 
 
 # --------------------------------------------------------------------------------------- fine-tune + predict
@@ -210,7 +199,7 @@ def test_ctrl_c_during_finetune_writes_nothing(model, synthetic_case, tmp_path, 
     image, labels = synthetic_case
     code, text = interrupt_when(cli_command() + ["finetune", "-m", str(model), "-i", str(image), "-l", str(labels),
                                                  "--iterations", "100000", "--no-evaluation", "-o",
-                                                 str(tmp_path / "never")], b"iteration 2/", timeout=120)
+                                                 str(tmp_path / "never")], b"/100000, loss", timeout=120)
     assert code == cli.EXIT_CANCELLED, text
     assert "Traceback" not in text and "nothing was written" in text
     assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never*"))
@@ -276,8 +265,8 @@ def test_without_m_the_default_shipped_model_is_used(capsys, tmp_path, home):
 
 def test_models_commands_list_choose_and_delete_versions(capsys, model, tmp_path):
     before = snapshot(model)
-    v1 = perturbed_version(model, 0.01)
-    v2 = perturbed_version(model, 0.02)
+    v1 = model_factory.perturbed_version(model, 0.01)
+    v2 = model_factory.perturbed_version(model, 0.02)
     code, out, err = run(capsys, "models", "versions", model)
     assert code == 0, err
     assert out.splitlines() == [
@@ -309,8 +298,8 @@ def test_models_commands_list_choose_and_delete_versions(capsys, model, tmp_path
 
 def test_damaged_versions_are_shown_and_refused(capsys, model, synthetic_case, tmp_path):
     image, _ = synthetic_case
-    v1 = perturbed_version(model, 0.01)
-    v2 = perturbed_version(model, 0.02)
+    v1 = model_factory.perturbed_version(model, 0.01)
+    v2 = model_factory.perturbed_version(model, 0.02)
     checkpoint = next(v2.path.rglob("checkpoint_final.pth"))
     data = bytearray(checkpoint.read_bytes())
     data[-100] ^= 0x01  # one bit in the weights

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from model_factory import make_model_folder
 from SegmentMBTFELib import Cancelled, InputError, load_model, read_volume
 from SegmentMBTFELib.shipped import default_model
-from SegmentMBTFELib.finetune import Case, FinetuneSettings, _Loss, dice_per_label, finetune
+from SegmentMBTFELib.finetune import Case, FinetuneSettings, _Loss, budget_seconds, dice_per_label, finetune
 from SegmentMBTFELib.volume import Volume
 
 FAST = dict(evaluate=False, batch_size=2)
@@ -129,8 +130,37 @@ def test_2d_and_region_models_finetune(tmp_path, cases):
 
 def test_time_budget_stops_early(tiny, cases):
     model = load_model(tiny)
-    result = finetune(model, cases[:1], settings=FinetuneSettings(iterations=100000, time_budget_s=2, **FAST))
-    assert 3 <= result.iterations < 100000 and "time budget" in result.stopped
+    result = finetune(model, cases[:1], settings=FinetuneSettings(iterations=100000, time_budget_s=3, **FAST))
+    assert 1 <= result.iterations < 100000 and "time budget" in result.stopped
+
+
+def test_by_default_the_run_fits_a_time_budget(tiny, cases):
+    """No iteration count: the whole run (Dice before and after included) fits the budget, the iterations and
+    the learning rate's decay derived from the speed measured while training."""
+    assert budget_seconds(FinetuneSettings(), torch.device("cpu")) == 300
+    assert budget_seconds(FinetuneSettings(), torch.device("cuda")) == 120
+    assert budget_seconds(FinetuneSettings(iterations=50), torch.device("cpu")) is None
+    model, texts = load_model(tiny), []
+    started = time.perf_counter()
+    result = finetune(model, cases[:2], settings=FinetuneSettings(time_budget_s=6, **FAST),
+                      progress=lambda fraction, text: texts.append((time.perf_counter(), text)), started=started)
+    seconds = time.perf_counter() - started
+    steps = [started] + [t for t, text in texts if "iteration" in text]
+    slowest = max(b - a for a, b in zip(steps, steps[1:]))  # the budget is checked between iterations
+    assert 5.4 <= seconds <= 6 + slowest + 0.5 and result.budget_s == 6 and result.stopped == ""
+    assert result.iterations >= 1 and set(result.timing) == {"preparing_s", "sampling_s", "forward_backward_s"}
+    done, planned = map(int, re.search(r"iteration (\d+)/(\d+)", [t for _, t in texts if "iteration" in t][-1])
+                        .groups())
+    assert done == result.iterations and abs(planned - done) <= max(3, 0.25 * done)  # the decay ran its course
+
+
+def test_cases_are_drawn_in_rounds(tiny, cases):
+    from SegmentMBTFELib.finetune import _PatchSampler, _training_data
+    model = load_model(tiny)
+    data = [_training_data(model, c) for c in cases]
+    sampler = _PatchSampler(model, data, torch.device("cpu"), np.random.default_rng(0))
+    drawn = [sampler._next_case(False) for _ in range(3 * len(data))]
+    assert sorted(drawn) == sorted(list(range(len(data))) * 3)  # however few draws, no case is left out
 
 
 def test_cancel_stops_with_nothing_returned(tiny, cases):

@@ -427,3 +427,41 @@ def test_write_into_a_path_below_a_file_fails_cleanly(tmp_path):
     blocker.write_text("x")
     with pytest.raises(SegmentError, match="output folder"):
         write_volume(oblique_volume(), blocker / "out.nrrd")
+
+
+# ------------------------------------------------------------------- NIfTI: what ITK repairs silently
+
+def nifti_variant(path: Path, array: np.ndarray, kind: str) -> Path:
+    """A NIfTI-1 file written by nibabel, little- or big-endian."""
+    nibabel = pytest.importorskip("nibabel")
+    cls = nibabel.Nifti1Image
+    image = cls(array.transpose(2, 1, 0), np.diag([0.8, 0.9, 2.0, 1.0]))
+    if kind == "big-endian":
+        image = cls(image.dataobj, image.affine, image.header.as_byteswapped(">"))
+    nibabel.save(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["little-endian", "big-endian"])
+def test_nifti_raw_header_and_voxels_are_checked(tmp_path, kind):
+    import nibabel
+    array = np.random.default_rng(0).random((6, 7, 8), dtype=np.float32)
+    good = read_volume(nifti_variant(tmp_path / "good.nii.gz", array, kind))
+    np.testing.assert_array_equal(good.array, array)
+    assert good.spacing == pytest.approx((0.8, 0.9, 2.0))
+
+    array[2, 3, 4], array[5, 6, 7] = np.nan, np.inf
+    path = nifti_variant(tmp_path / "nan.nii.gz", array, kind)
+    assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).any()  # ITK made them 0
+    assert_one_line_error(lambda: read_volume(path), "nan.nii.gz contains 2 NaN or infinite voxels")
+
+    zero = nifti_variant(tmp_path / "zero.nii.gz", np.ones((6, 7, 8), np.int16), kind)
+    loaded = nibabel.load(str(zero))
+    header = loaded.header.copy()
+    pixdim = header["pixdim"]
+    pixdim[1] = 0
+    header["pixdim"] = pixdim
+    raw = gzip.decompress(zero.read_bytes())
+    zero.write_bytes(gzip.compress(header.binaryblock + raw[len(header.binaryblock):]))
+    assert sitk.ReadImage(str(zero)).GetSpacing()[0] == 1.0  # ITK made it 1 mm
+    assert_one_line_error(lambda: read_volume(zero), "zero.nii.gz has a voxel spacing of 0 mm along x")

@@ -7,6 +7,7 @@ these tests need no training. $SEGMENTMBTFE_HOME points into tmp_path in every t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -355,3 +356,76 @@ def test_nnunet_predicts_with_a_version_folder_as_with_ours(original, nnunet_pre
     original_labels = load_model(original).predict(read_channels(case), tta=False).labels.array
     assert agreement(ours, nnunet_labels) > 0.999
     assert agreement(original_labels, nnunet_labels) < agreement(ours, nnunet_labels)  # the fine-tuned weights
+
+
+# ------------------------------------------------------------------ what programs that died leave behind
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (a real one, just finished)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_lock_left_by_a_program_that_died_is_broken_at_once(original):
+    import socket
+    import time
+    add_version(original, 0.01)
+    versions = ModelVersions(original)
+    lock = versions.family_dir / ".lock"
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    started = time.monotonic()
+    versions.use("original")
+    assert time.monotonic() - started < 5, "waited for a lock whose holder is gone"
+    assert not lock.exists() and versions.current().id == "original"
+
+    # a lock held by a program that runs (this one) is respected: it is not broken
+    from SegmentMBTFELib.versions import _break_if_stale
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    assert not _break_if_stale(lock) and lock.exists()
+
+
+def test_what_a_killed_fine_tune_half_wrote_is_removed_by_the_next(original):
+    import socket
+    add_version(original, 0.01)
+    family = ModelVersions(original).family_dir
+    dead = family / ".v2.partial-0badc0de"
+    (dead / "half").mkdir(parents=True)
+    (dead / ".holder.json").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    alive = family / ".v2.partial-a11ve000"  # another program writing right now
+    alive.mkdir()
+    (alive / ".holder.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    elsewhere = family / ".v2.partial-0ther0000"  # a program on another machine sharing this home
+    elsewhere.mkdir()
+    (elsewhere / ".holder.json").write_text(json.dumps({"pid": _dead_pid(), "host": "another-machine"}))
+    assert [v.id for v in ModelVersions(original).list()] == ["original", "v1"]  # hidden: never listed
+    v2 = add_version(original, 0.02)
+    assert v2.id == "v2" and not dead.exists() and alive.exists() and elsewhere.exists()
+    assert not (v2.path / ".holder.json").exists()
+
+
+def test_deleting_a_version_never_removes_a_folder_that_is_not_its_own(original, tmp_path):
+    """A version list edited by hand can point a version at any folder: delete takes it off the list only."""
+    v1 = add_version(original, 0.01)
+    precious = tmp_path / "my data"
+    (precious / "keep").mkdir(parents=True)
+    (precious / "keep" / "scan.nii.gz").write_bytes(b"the user's own file")
+    versions = ModelVersions(original)
+    registry = json.loads(versions.registry_path.read_text())
+    registry["versions"][0]["path"] = str(precious)
+    versions.registry_path.write_text(json.dumps(registry))
+    ModelVersions(original).delete("v1")
+    assert (precious / "keep" / "scan.nii.gz").read_bytes() == b"the user's own file"
+    assert v1.path.is_dir()  # the real folder was not named, so it stays too
+    assert [v.id for v in ModelVersions(original).list()] == ["original"]
+
+
+def test_a_version_json_naming_a_family_outside_the_home_is_refused(original, tmp_path, home):
+    """version.json's family names a folder in the versions home; a path there (../..) must not lead out."""
+    v1 = add_version(original, 0.01)
+    record = json.loads((v1.path / VERSION_FILE).read_text())
+    record["family"] = "../../../outside-0123456789ab"
+    (v1.path / VERSION_FILE).write_text(json.dumps(record))
+    with pytest.raises(ModelError, match="cannot be read"):
+        ModelVersions(v1.path)
+    assert not (home.parent.parent / "outside-0123456789ab").exists()

@@ -6,13 +6,14 @@ The check of issue #5 on our own split: the shipped model never saw the 42 valid
 (models/<name>/results.json). Their reference labels stand in for a clinician's corrections: the first
 `--cases` of them are the fine-tuning cases, the others the "other held-out cases". The script
   1. predicts all of them with the shipped model (TTA on, as `segment-mbtfe predict` does by default),
-  2. runs `segment-mbtfe finetune` (a fresh process, default settings, its wall time measured against the
-     10-minute limit) writing a new version into a temporary versions home,
+  2. runs `segment-mbtfe finetune` (a fresh process, default settings: a 5-minute time budget on a CPU; its
+     wall time measured against issue 10's 300 s limit) writing a new version into a temporary versions home,
   3. predicts one case through `segment-mbtfe predict` with the new version (it must load there), and all
      cases in-process with it,
-  4. checks that the shipped model's files are byte-identical, and prints Dice before/after on both groups.
+  4. checks that the shipped model's files are byte-identical, and prints Dice before/after on both groups
+     and where the fine-tune's time went (from the version's provenance).
 Exit status 1 when a condition of the issue is not met (Dice on the fine-tuning cases not raised, other
-cases lowered by more than 0.01, over 10 minutes, shipped files changed).
+cases lowered by more than 0.01, over 300 s, shipped files changed).
 """
 import argparse
 import hashlib
@@ -29,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SegmentMBTFE"))
 DATA = REPO.parent / "shared" / "data" / "hippocampus" / "train"
-LIMIT_S = 600
+LIMIT_S = 300
 
 
 def main():
@@ -67,13 +68,16 @@ def main():
                                    env=env, capture_output=True, text=True)
         loads = predicted.returncode == 0 and Path(f"{out}/case.nii.gz").is_file()
     after = {name: _dice(target, group) for name, group in (("tuned", tune), ("others", others))}
+    run_record = json.loads(next(target.rglob("version.json")).read_text()).get("finetune", {})
     unchanged = _hashes(args.model) == files_before
 
     print(f"\n{'cases':<28}{'before':>8}{'after':>8}{'change':>9}")
     for name, label in (("tuned", f"fine-tuning cases ({len(tune)})"), ("others", f"other held-out ({len(others)})")):
         b, a = np.mean(before[name]), np.mean(after[name])
         print(f"{label:<28}{b:8.4f}{a:8.4f}{a - b:+9.4f}")
-    print(f"fine-tune command wall time: {finetune_s:.0f} s (limit {LIMIT_S} s, ratio {finetune_s / LIMIT_S:.2f})")
+    print(f"fine-tune command wall time: {finetune_s:.0f} s (limit {LIMIT_S} s, ratio {finetune_s / LIMIT_S:.2f}); "
+          f"{run_record.get('iterations')} iterations, budget {run_record.get('budget_s')} s")
+    print("where the time went: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in run_record.get("timing", {}).items()))
     print(f"new version loads in `segment-mbtfe predict`: {loads}; shipped files byte-identical: {unchanged}")
     ok = [np.mean(after["tuned"]) > np.mean(before["tuned"]), np.mean(after["others"]) >= np.mean(before["others"]) - 0.01,
           finetune_s <= LIMIT_S, loads, unchanged]

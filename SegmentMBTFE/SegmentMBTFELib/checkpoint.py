@@ -7,6 +7,7 @@ refused with a message naming it, so a malicious file cannot execute code by bei
 """
 import contextlib
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,10 @@ def load_checkpoint(path) -> dict:
     except Exception as error:  # noqa: BLE001 - damaged bytes make torch.load raise almost anything
         # (RuntimeError and zip errors for a cut zip, EOFError, IndexError or KeyError from garbage
         # read as a legacy pickle, ...): every one of them means the file cannot be used.
+        other_zip = _other_zip(path)
+        if other_zip:
+            raise ModelError(f"{path} is a zip archive but not a PyTorch checkpoint (it holds {other_zip}); "
+                             "the wrong file was put in its place.") from None
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
         raise ModelError(f"Cannot read checkpoint {path}: the file is truncated or corrupt "
                          f"({type(error).__name__}: {reason}).") from None
@@ -55,6 +60,19 @@ def load_checkpoint(path) -> dict:
         raise ModelError(f"{path} is not an nnU-Net v2 checkpoint (no 'network_weights').")
     checkpoint["network_weights"] = _plain_keys(checkpoint["network_weights"])
     return checkpoint
+
+
+def _other_zip(path: Path) -> str:
+    """A few of the names in a zip file that is not a torch checkpoint (which holds `<name>/data.pkl`), else ''."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return ""
+    if any(name.endswith("/data.pkl") for name in names):
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return shown or "nothing"
 
 
 def _allowed(globals_):

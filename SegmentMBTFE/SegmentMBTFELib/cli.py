@@ -1,6 +1,7 @@
 """`segment-mbtfe`: segment images, fine-tune models on corrected cases, and manage models from a terminal.
 
     segment-mbtfe predict [-m MODEL] [--version ID] -i IMAGE [IMAGE ...] -o OUTPUT.nii.gz|.nrrd|.seg.nrrd|.mha
+    segment-mbtfe predict [-m MODEL] -i CASES_DIR -o OUTPUT_DIR [--overwrite] [--parts N --part I]
     segment-mbtfe finetune [-m MODEL] -i CASE_IMAGE... -l CASE_LABELS... [-o NEW_VERSION_DIR] [--iterations N]
     segment-mbtfe models info|versions [MODEL]
     segment-mbtfe models use|delete [-m MODEL] VERSION;  models rollback [-m MODEL]
@@ -12,17 +13,28 @@ changes the model it started from.
 
 User mistakes end with one line on stderr and a non-zero exit, never a traceback (unless --debug), and
 never a partial output: outputs (files, version folders) are written only after the work succeeded,
-atomically; Ctrl+C (exit 130) writes nothing.
+atomically; Ctrl+C (exit 130) and SIGTERM (exit 143, what a scheduler or `kill` sends) write nothing.
+A batch (-o a folder) goes on past a case that fails, and exits 1 when any did.
 """
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import Cancelled, SegmentError
+from .errors import Cancelled, InputError, SegmentError
 
-EXIT_ERROR, EXIT_CANCELLED = 1, 130
+EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that every partial output is cleaned up on the way out."""
+
+
+STARTED = time.perf_counter()  # the command's start (as good as): a fine-tune's time budget counts from here
 
 
 def main(argv=None) -> int:
@@ -33,13 +45,12 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR, format="%(message)s")
     try:
-        return args.run(args) or 0
-    except Cancelled as error:
-        print(f"\n{error}", file=sys.stderr)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("\nCancelled; nothing was written.", file=sys.stderr)
-        return EXIT_CANCELLED
+        with _sigterm_stops(args.run in (_predict, _finetune)):
+            return args.run(args) or 0
+    except (Cancelled, KeyboardInterrupt) as stop:
+        text = str(stop) or "Cancelled; nothing was written."
+        print(f"\nStopped (SIGTERM). {text}" if isinstance(stop, Terminated) else f"\n{text}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_CANCELLED
     except SegmentError as error:
         if args.debug:
             raise
@@ -53,19 +64,45 @@ def main(argv=None) -> int:
         return EXIT_ERROR
 
 
+@contextmanager
+def _sigterm_stops(wanted: bool):
+    """While a command writes outputs, SIGTERM stops it as Ctrl+C does: partial files are removed on the way
+    out. (Python's default for SIGTERM ends the process at once, leaving them.)"""
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def stop(signum, frame):
+        if not received:  # a second SIGTERM while cleaning up must not interrupt the clean-up
+            received.append(signum)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segment-mbtfe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and log details")
     commands = parser.add_subparsers(title="commands")
 
-    predict = commands.add_parser("predict", help="segment one case")
+    predict = commands.add_parser(
+        "predict", help="segment one case, or a folder of cases",
+        description="Segment one case (-o a file), or every case in a folder (-o a folder): one image file per "
+                    "case, nnU-Net's case_0000.nii.gz channel files, or one DICOM series folder per case.")
     predict.add_argument("-m", "--model", help="nnU-Net v2 model folder (default: the shipped default model)")
     predict.add_argument("--version", metavar="ID",
                          help="model version to use: original, v1, v2... (default: the current one)")
     predict.add_argument("-i", "--input", nargs="+", required=True, metavar="IMAGE",
-                         help="one image per model channel: NIfTI, NRRD, MHA file or DICOM series folder")
+                         help="one image per model channel: NIfTI, NRRD, MHA file or DICOM series folder; "
+                              "or, with -o a folder, a folder of cases (or several case files)")
     predict.add_argument("-o", "--output", required=True,
-                         help="label map to write: .nii.gz, .nii, .nrrd, .mha, or .seg.nrrd for Slicer segments")
+                         help="label map to write: .nii.gz, .nii, .nrrd, .mha, or .seg.nrrd for Slicer segments; "
+                              "or a folder: one output per case, with manifest.csv and manifest.json")
     predict.add_argument("-c", "--configuration", help="2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
     predict.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: all present)")
     predict.add_argument("--checkpoint", default="final", help="final (default), best, or a .pth file name")
@@ -78,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="ignore the model folder's postprocessing.json")
     predict.add_argument("--previous-stage", help="3d_lowres prediction (for 3d_cascade_fullres)")
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    batch = predict.add_argument_group("a folder of cases (-o OUTPUT_DIR)")
+    batch.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"],
+                       help="output file type per case (.seg.nrrd)")
+    batch.add_argument("--overwrite", action="store_true", help="segment cases whose output exists again")
+    batch.add_argument("--parts", type=int, default=1, metavar="N", help="split the cases into N parts (jobs)")
+    batch.add_argument("--part", type=int, default=1, metavar="I", help="the part this job segments, 1..N")
     predict.set_defaults(run=_predict)
 
     finetune = commands.add_parser(
@@ -98,8 +141,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="label maps of the validation cases")
     finetune.add_argument("-o", "--output", metavar="NEW_VERSION_DIR",
                           help="folder for the new version (default: the user's SegmentMBTFE versions folder)")
-    finetune.add_argument("--iterations", type=int, help="training iterations per fold (default 200)")
-    finetune.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
+    finetune.add_argument("--iterations", type=int,
+                          help="training iterations per fold (default: as many as the time budget allows)")
+    finetune.add_argument("--time-budget", type=float, metavar="SECONDS",
+                          help="seconds for the whole command, Dice before and after included (default: 300 on a "
+                               "CPU, 120 on a GPU, unless --iterations is given)")
     finetune.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     finetune.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
     finetune.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -176,12 +222,15 @@ def _open_model(args, folds=None, checkpoint="final"):
 def _predict(args):
     from .imageio import read_channels, read_volume
     from .tasks import predict
-    from .writers import output_format, write_prediction
+    from .writers import check_output, output_format, write_prediction
 
     output = Path(args.output)
+    if _is_folder_output(output):
+        return _predict_batch(args)
     output_format(output)  # refuse an unknown extension before minutes of work
     started = time.perf_counter()
     volumes = read_channels(args.input)
+    check_output(output, args.input + ([args.previous_stage] if args.previous_stage else []), volumes[0])
     previous = read_volume(args.previous_stage) if args.previous_stage else None
     model, version, note = _open_model(args, args.folds, args.checkpoint)
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
@@ -194,6 +243,66 @@ def _predict(args):
     names = ", ".join(name for _, name in prediction.segments)
     print(f"Wrote {', '.join(str(p) for p in written)} ({names}) in {time.perf_counter() - started:.1f} s "
           f"on {prediction.settings['device']}.")
+
+
+def _is_folder_output(output: Path) -> bool:
+    """-o names a folder (batch) when it is one, or ends in a separator, or has no file extension at all."""
+    return output.is_dir() or str(output).endswith(("/", "\\")) or not output.suffix
+
+
+def _predict_batch(args):
+    from .batch import BatchSettings, Manifest, find_cases, run_batch, shard, summary
+    from .imageio import check_writable
+
+    started, output_dir = time.perf_counter(), Path(args.output)
+    if args.previous_stage:
+        raise InputError("--previous-stage takes one case's file; a folder of cases cannot use it.")
+    for given in args.input:
+        if not Path(given).exists():
+            raise InputError(f"Input not found: {given}.")
+        if Path(given).resolve() == output_dir.resolve():
+            raise InputError(f"The output folder {output_dir} is the folder of the cases; give another one "
+                             "(a folder inside it is fine).")
+    check_writable(output_dir)
+    model, version, note = _open_model(args, args.folds, args.checkpoint)
+    found, ignored = find_cases(args.input, model.channel_names, leave_out=[output_dir])
+    cases = shard(found, args.parts, args.part)
+    if not cases:
+        raise InputError(f"No cases found in {', '.join(args.input)}" + (f" for part {args.part} of {args.parts}"
+                         if found else "") + ": give image files (case.nii.gz or case_0000.nii.gz per channel) "
+                         "or one DICOM series folder per case.")
+    if note:
+        print(note, file=sys.stderr)
+    if ignored:
+        print(f"note: left out {len(ignored)} file(s) that are not images (e.g. {ignored[0].name}).", file=sys.stderr)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(output_dir, [name for _, name in model.labels.output_segments()], args.parts, args.part)
+    settings = BatchSettings(args.format, args.overwrite, args.device, args.step, not args.no_tta,
+                             args.probabilities, not args.no_postprocessing)
+    bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        results = run_batch(model, version, cases, output_dir, settings, manifest, progress=bar,
+                            on_result=lambda result: _case_line(result, bar))
+    except (Cancelled, KeyboardInterrupt) as stop:
+        bar.close()
+        kept = (f"Cancelled; the cases finished before are kept in {output_dir} and listed in "
+                f"{manifest.csv_path.name}; the case being segmented was not written.")
+        raise (Terminated if isinstance(stop, Terminated) else Cancelled)(kept) from None
+    bar.close()
+    for line in summary(results, time.perf_counter() - started):
+        print(line)
+    print(f"Manifest: {manifest.csv_path} and {manifest.json_path.name}")
+    return EXIT_ERROR if any(r.status == "failed" for r in results) else 0
+
+
+def _case_line(result, bar):
+    """One line per finished case: on stdout, and a failure also on stderr (where errors go)."""
+    bar.clear()
+    if result.status == "failed":
+        print(f"error: {result.case}: {result.reason}", file=sys.stderr)
+    extra = f" in {result.seconds:.1f} s" if result.status == "segmented" else ""
+    print(f"{result.case}: {result.status}{extra}" + (f" ({result.reason})" if result.status == "skipped" else ""),
+          flush=True)
 
 
 def _info(args):
@@ -233,7 +342,6 @@ def _finetune(args):
     if len(args.val_image) != len(args.val_label):
         raise SegmentError(f"Give one label map per validation case: {len(args.val_image)} --val-image but "
                            f"{len(args.val_label)} --val-label.")
-    started = time.perf_counter()
     model, version, note = _open_model(args, args.folds)
     cases = _read_cases(args.images, args.labels)
     validation = _read_cases(args.val_image, args.val_label)
@@ -245,7 +353,7 @@ def _finetune(args):
     # finetune's progress text says the iteration, the loss and the time left
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
     new, result = finetune_version(model, model.folder.path, cases, validation, settings, progress=bar,
-                                   target=args.output, configuration=args.configuration)
+                                   target=args.output, configuration=args.configuration, started=STARTED)
     bar.close()
     name = ModelVersions(model.folder.path, configuration=args.configuration).name
     print(f"Wrote {new.id} of {name} (from {version.id}) to {new.path}; it is now the current version.")
@@ -255,8 +363,17 @@ def _finetune(args):
         if after is not None:
             print(f"Dice on the {which} cases: " + (f"{before:.3f} -> " if before is not None else "") + f"{after:.3f}")
     stopped = f" ({result.stopped})" if result.stopped else ""
+    budget = f" (time budget {result.budget_s:.0f} s)" if result.budget_s else ""
     print(f"{result.iterations} iterations per fold on {len(cases)} case(s){stopped}; "
-          f"{time.perf_counter() - started:.1f} s in all on {result.device}.")
+          f"{time.perf_counter() - STARTED:.1f} s in all on {result.device}{budget}.")
+    print(f"Time: {_timing_text(result.timing)}.")
+
+
+def _timing_text(timing: dict) -> str:
+    """Where a fine-tune's time went: 'preparing 0.1 s, Dice before 4.2 s, patches 1.9 s, network 281 s, ...'."""
+    words = (("preparing_s", "preparing"), ("dice_before_s", "Dice before"), ("sampling_s", "drawing patches"),
+             ("forward_backward_s", "network training steps"), ("dice_after_s", "Dice after"))
+    return ", ".join(f"{word} {timing[key]:.1f} s" for key, word in words if key in timing)
 
 
 def _read_cases(image_specs, label_paths):
@@ -327,6 +444,11 @@ class _ProgressBar:
     def close(self):
         if self.enabled:
             sys.stderr.write("\n")
+
+    def clear(self):
+        """Blank the bar's line, so a line printed now starts at the left (the bar comes back at the next report)."""
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 108 + "\r")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ small rotations and scaling), Dice + cross-entropy with nnU-Net's deep-supervisi
 region models), SGD with Nesterov momentum and a low, polynomially decaying learning rate. Mixed
 precision on CUDA. Every fold the model ensembles is fine-tuned with the same settings.
 
+By default the run fits a time budget (5 minutes on a CPU, 2 on a GPU) rather than a number of iterations,
+so a slower machine trains fewer iterations instead of taking longer: the budget covers everything from the
+user's command on (evaluation included); what is left after preparing the cases and measuring Dice before
+is spent on training, the iterations that fit are estimated from the speed measured as training runs, the
+learning rate's decay follows that estimate, and cases are drawn in shuffled rounds so that every case is
+seen as often as the others however few iterations fit. `iterations` fixes the count instead.
+
 Written here rather than by driving nnU-Net's trainer: nnunetv2 is not a runtime dependency (Slicer's
 Python does not ship it), its trainer wants a preprocessed dataset on disk and background workers, and
 fine-tuning must work for MBTFE-UNet and the configurations the engine runs without nnU-Net installed.
@@ -47,10 +54,15 @@ class Case:
     labels: Volume
 
 
+DEFAULT_BUDGET_S = {"cpu": 300.0, "gpu": 120.0}  # the whole fine-tune, when neither budget nor iterations is given
+RESERVE_S = 3.0                                   # kept for writing the version (at most 5% of the budget), and 2%
+
+
 @dataclass
 class FinetuneSettings:
-    iterations: int = 200                  # per fold; one iteration is one batch
-    time_budget_s: Optional[float] = None  # stop each fold's training early at this many seconds (all folds share it)
+    iterations: Optional[int] = None       # per fold; one iteration is one batch. None: as many as the budget allows
+    time_budget_s: Optional[float] = None  # seconds for the whole fine-tune, evaluation included (folds share it);
+                                           # None: DEFAULT_BUDGET_S when iterations is None, else no limit
     learning_rate: float = 1e-3            # nnU-Net trains from 1e-2; fine-tuning starts ten times lower
     freeze_encoder: bool = False           # train the decoder only
     seed: int = 0
@@ -74,11 +86,14 @@ class FinetuneResult:
     frozen: List[str] = field(default_factory=list)             # parts of the network not trained
     device: str = "cpu"
     stopped: str = ""                      # why training stopped before `iterations` ("" when it did not)
+    budget_s: Optional[float] = None       # the time budget the run fitted (None: fixed iterations, no limit)
+    timing: Dict[str, float] = field(default_factory=dict)  # where the seconds went (see finetune())
 
     def provenance(self) -> dict:
         """Plain JSON for the version folder."""
         return {"parent": self.parent, "cases": self.cases, "validation_cases": self.validation_cases,
                 "settings": asdict(self.settings), "iterations": self.iterations, "seconds": round(self.seconds, 1),
+                "budget_s": self.budget_s, "timing": self.timing,
                 "frozen": self.frozen, "device": self.device, "stopped": self.stopped,
                 "dice_before": self.dice_before, "dice_after": self.dice_after,
                 "final_loss": {f: (round(sum(v[-10:]) / len(v[-10:]), 4) if v else None) for f, v in self.losses.items()},
@@ -86,50 +101,73 @@ class FinetuneResult:
 
 
 def finetune(model: Model, cases: Sequence[Case], validation: Sequence[Case] = (), settings: FinetuneSettings = None,
-             progress=None, cancel=None) -> FinetuneResult:
+             progress=None, cancel=None, started: float = None) -> FinetuneResult:
     """Fine-tune every fold of `model` on `cases`; the model itself (files and loaded weights) is unchanged.
-    Raises InputError for unusable cases, Cancelled when `cancel` is set (nothing is returned or written)."""
+    `started` (time.perf_counter()) is when the user's command began: the time budget counts from there.
+    Raises InputError for unusable cases, Cancelled when `cancel` is set (nothing is returned or written).
+
+    result.timing says where the time went: preparing the cases, Dice before, drawing and augmenting
+    patches, the network's forward and backward passes with the optimizer step, Dice after."""
+    started = time.perf_counter() if started is None else started
     settings = settings or FinetuneSettings()
     _check_settings(model, cases, settings)
     for case in [*cases, *validation]:
         _check_case(model, case)
     reporter = Progress(progress, cancel)
     device = choose_device(settings.device)
+    budget = budget_seconds(settings, device)
+    timing, clock = {}, time.perf_counter()
     evaluation = 0.1 if settings.evaluate else 0.0
     reporter.report(0.0, "preparing the corrected cases")
     data = [_training_data(model, case) for case in cases]
     if not any(d.foreground for d in data):
         raise InputError("None of the corrected cases has a labelled voxel: there is nothing to learn from.")
-    before = _evaluate(model, cases, validation, device, reporter.span(0.0, evaluation), "before") \
-        if settings.evaluate else {}
+    timing["preparing_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    before = {}
+    if settings.evaluate:
+        before = _evaluate(model, cases, validation, device, reporter.span(0.0, evaluation), "before")
+        timing["dice_before_s"] = time.perf_counter() - clock
 
-    started = time.perf_counter()
+    training_started = time.perf_counter()
     weights, losses, iterations, stopped = {}, {}, 0, ""
     train_span = reporter.span(evaluation, 1.0 - evaluation)
     for i, fold in enumerate(model.folds):
-        budget = None
-        if settings.time_budget_s is not None:  # what is left, shared by the folds still to train
-            budget = (settings.time_budget_s - (time.perf_counter() - started)) / (len(model.folds) - i)
+        fold_budget = None
+        if budget is not None:  # what is left after Dice after (1.5x what Dice before took), shared by the folds
+            reserve = min(RESERVE_S, 0.05 * budget) + 0.02 * budget + 1.5 * timing.get("dice_before_s", 0.0)
+            left = budget - (time.perf_counter() - started) - reserve
+            fold_budget = max(left / (len(model.folds) - i), 0.0)
         fold_reporter = train_span.span(i / len(model.folds), (i + 1) / len(model.folds))
         prefix = f"fold {fold} ({i + 1}/{len(model.folds)}): " if len(model.folds) > 1 else ""
         try:
-            weights[fold], losses[fold], stopped = _train_fold(model, i, data, settings, device, budget,
-                                                               fold_reporter, prefix)
+            weights[fold], losses[fold], stopped = _train_fold(model, i, data, settings, device, fold_budget,
+                                                               fold_reporter, prefix, timing)
         finally:
             release_memory(device)
         iterations = len(losses[fold])
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - training_started
 
-    after = {}
+    after, clock = {}, time.perf_counter()
     if settings.evaluate:
         tuned = model.with_weights([weights[f] for f in model.folds])
         after = _evaluate(tuned, cases, validation, device, reporter.span(1.0 - evaluation, 1.0), "after")
+        timing["dice_after_s"] = time.perf_counter() - clock
     reporter.report(1.0, "done")
     return FinetuneResult(
         weights=weights, settings=settings, iterations=iterations, seconds=seconds, losses=losses,
         cases=[_describe(c) for c in cases], validation_cases=[_describe(c) for c in validation],
         dice_before=before, dice_after=after, parent=_parent(model),
-        frozen=["encoder"] if settings.freeze_encoder else [], device=str(device), stopped=stopped)
+        frozen=["encoder"] if settings.freeze_encoder else [], device=str(device), stopped=stopped, budget_s=budget,
+        timing={k: round(v, 2) for k, v in timing.items()})
+
+
+def budget_seconds(settings: FinetuneSettings, device) -> Optional[float]:
+    """The run's time budget: the one given, else the default for the device when no iteration count is given."""
+    if settings.time_budget_s is not None:
+        return float(settings.time_budget_s)
+    if settings.iterations is not None:
+        return None
+    return DEFAULT_BUDGET_S["cpu" if torch.device(device).type == "cpu" else "gpu"]
 
 
 # -- checks ------------------------------------------------------------------------------------------------
@@ -140,7 +178,7 @@ def _check_settings(model: Model, cases: Sequence[Case], settings: FinetuneSetti
                          f"fine-tune its {model.configuration.previous_stage} model or a 3d_fullres model.")
     if not cases:
         raise InputError("Give at least one corrected case to fine-tune on.")
-    if settings.iterations < 1:
+    if settings.iterations is not None and settings.iterations < 1:
         raise InputError(f"The number of iterations must be at least 1; got {settings.iterations}.")
     if not settings.learning_rate > 0 or not math.isfinite(settings.learning_rate):
         raise InputError(f"The learning rate must be a positive number; got {settings.learning_rate}.")
@@ -204,7 +242,9 @@ def _training_data(model: Model, case: Case) -> _TrainingData:
 # -- one fold ------------------------------------------------------------------------------------------------
 
 def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: FinetuneSettings, device,
-                budget_s: Optional[float], reporter: Progress, prefix: str):
+                budget_s: Optional[float], reporter: Progress, prefix: str, timing: Dict[str, float]):
+    """Train one fold: `settings.iterations` batches, or as many as fit in `budget_s` (the learning rate's
+    decay fitted to the iterations the speed measured so far lets fit). Adds its seconds to `timing`."""
     torch.manual_seed(settings.seed + index)
     rng = np.random.default_rng(settings.seed + index)
     network = copy.deepcopy(model.network)
@@ -223,17 +263,26 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
     sampler = _PatchSampler(model, data, device, rng)
     images_on_device = [d.image.to(device) for d in data]
 
-    planned, losses, stopped, started = settings.iterations, [], "", time.perf_counter()
-    for it in range(settings.iterations):
-        elapsed = time.perf_counter() - started
+    if budget_s is not None and budget_s <= 0:
+        raise InputError("The time budget was used up before training could start (preparing the cases and "
+                         "measuring Dice took it all); give a longer budget, or skip the evaluation.")
+    limit = settings.iterations or math.inf
+    planned = settings.iterations or 1
+    losses, stopped, started = [], "", time.perf_counter()
+    sampling = stepping = 0.0
+    while len(losses) < limit:
+        it, elapsed = len(losses), time.perf_counter() - started
         if budget_s is not None and it > 0 and elapsed >= budget_s:
-            stopped = f"time budget reached after {it} iterations"
+            if settings.iterations:
+                stopped = f"time budget reached after {it} iterations"
             break
-        if budget_s is not None and it >= 3:  # fit the decay to the iterations the budget allows
-            planned = min(settings.iterations, max(it + 1, int(budget_s / (elapsed / it))))
+        if budget_s is not None:  # fit the decay to the iterations the budget allows at the speed so far
+            planned = max(it + 1, min(limit, int(budget_s / (elapsed / it)) if it >= 3 else it + 100))
         for group in optimizer.param_groups:  # nnU-Net's polynomial decay
-            group["lr"] = settings.learning_rate * (1 - it / planned) ** 0.9
+            group["lr"] = settings.learning_rate * max(1 - it / planned, 0.0) ** 0.9
+        clock = time.perf_counter()
         x, y = sampler.batch(images_on_device, settings.batch_size)
+        sampling, clock = sampling + time.perf_counter() - clock, time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=mixed):
             loss = loss_fn(network(x), y)
@@ -250,10 +299,13 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
             torch.nn.utils.clip_grad_norm_(trainable, 12)
             optimizer.step()
         losses.append(float(loss.detach()))
-        done = it + 1
+        stepping += time.perf_counter() - clock
+        done = len(losses)
         left = (time.perf_counter() - started) / done * (planned - done)
         reporter.report(done / planned, f"{prefix}iteration {done}/{planned}, loss {losses[-1]:.3f}, "
                                         f"about {_duration(left)} left")
+    timing["sampling_s"] = timing.get("sampling_s", 0.0) + sampling
+    timing["forward_backward_s"] = timing.get("forward_backward_s", 0.0) + stepping
     network.decoder.deep_supervision = False
     state = {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
     return state, losses, stopped
@@ -329,7 +381,7 @@ def _isin(target, values):
 
 class _PatchSampler:
     """Patches at the plans' patch size, drawn as nnU-Net draws them (a third of each batch centred on a
-    foreground voxel of a random label, the rest anywhere, small volumes padded) and augmented in one
+    foreground voxel of a random label, the rest anywhere, small volumes padded; cases in shuffled rounds) and augmented in one
     resampling step: rotation (+-15 degrees; in-plane only for anisotropic patches, as nnU-Net's dummy-2D
     augmentation) and scaling (0.85-1.15), each with probability 0.2; mirroring on the model's mirroring
     axes; intensity scale (0.85-1.15) and shift (+-0.1 standard deviations), each with probability 0.3."""
@@ -342,6 +394,7 @@ class _PatchSampler:
         self.patch = [int(p) for p in model.configuration.patch_size]
         self.is_2d = len(self.patch) == 2
         self.data, self.rng = data, rng
+        self._rounds = {}  # "any" / "foreground" -> the cases still to draw in this round
         self.labels = [torch.from_numpy(d.labels.astype(np.float32))[None, None].to(device) for d in data]
         self.mirror_axes = tuple(model.mirror_axes or ())
         self.in_plane_only = not self.is_2d and max(self.patch) / min(self.patch) > 3
@@ -350,15 +403,23 @@ class _PatchSampler:
 
     def batch(self, images: List[torch.Tensor], batch_size: int):
         random_ones = round(batch_size * (1 - self.OVERSAMPLE_FOREGROUND))
-        with_foreground = [k for k, d in enumerate(self.data) if d.foreground]
         xs, ys = [], []
         for b in range(batch_size):
             force = b >= random_ones
-            k = int(self.rng.choice(with_foreground if force else len(self.data)))
+            k = self._next_case(force)
             x, y = self._sample(images[k], self.labels[k], self.data[k], force)
             xs.append(x)
             ys.append(y)
         return torch.cat(xs), torch.cat(ys).long()
+
+    def _next_case(self, with_foreground: bool) -> int:
+        """Cases in shuffled rounds (every case once per round), so that however few iterations a time budget
+        allows, each case is seen about equally often; foreground patches come from cases that have some."""
+        key = "foreground" if with_foreground else "any"
+        if not self._rounds.get(key):
+            cases = [k for k, d in enumerate(self.data) if d.foreground or not with_foreground]
+            self._rounds[key] = [int(k) for k in self.rng.permutation(cases)]
+        return self._rounds[key].pop()
 
     def _sample(self, image, labels, data: _TrainingData, force_foreground: bool):
         voxel = None

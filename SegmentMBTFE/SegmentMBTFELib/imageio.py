@@ -16,6 +16,7 @@ no reorientation). This module adds what SimpleITK leaves to the caller:
   failure or a cancel never leaves a half-written output.
 """
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,8 +25,10 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from . import nifti
 from .errors import InputError, SegmentError
-from .volume import Volume
+from .memory import refuse_unless_it_fits
+from .volume import FILE_DIMENSION, Volume
 
 # Longest first, so that ".nii.gz" wins over ".nii" and ".gz".
 SUPPORTED_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -60,9 +63,10 @@ def read_volume(path) -> Volume:
         raise InputError(f"Image not found: {path}.")
     if not os.access(path, os.R_OK):
         raise InputError(f"Image {path} cannot be read: permission denied.")
-    if path.is_dir():
-        return _read_dicom_folder(path)
-    return _read_image_file(path)
+    with quiet_itk():
+        if path.is_dir():
+            return _read_dicom_folder(path)
+        return _read_image_file(path)
 
 
 def read_channels(paths: Sequence) -> List[Volume]:
@@ -101,15 +105,19 @@ def _read_image_file(path: Path) -> Volume:
     except RuntimeError as error:
         raise InputError(_unreadable_message(path, extension)) from error
     _check_pixels_are_scalar(reader.GetNumberOfComponents(), path.name)
-    if extension in (".nii", ".nii.gz"):
-        _check_nifti_complete(path, reader)
+    _check_geometry(reader.GetSpacing(), reader.GetDirection(), path.name)
+    check_fits_in_memory(reader, path.name)
+    header = _checked_nifti_header(path, reader) if extension in (".nii", ".nii.gz") else None
     try:
         image = reader.Execute()
     except RuntimeError as error:
         raise InputError(_unreadable_message(path, extension)) from error
+    metadata = {"source": str(path), "format": _FORMAT_NAMES[extension], FILE_DIMENSION: str(image.GetDimension())}
     image = _as_3d(image, path.name)
-    return image_to_volume(image, name=_name_without_extension(path), metadata={
-        "source": str(path), "format": _FORMAT_NAMES[extension]})
+    note = nifti.orientation_disagreement(header, _corners_ras(image)) if header else ""
+    if note:
+        metadata["note"] = f"{path.name}: {note}."
+    return image_to_volume(image, name=_name_without_extension(path), metadata=metadata)
 
 
 def _unsupported_message(path: Path) -> str:
@@ -119,6 +127,9 @@ def _unsupported_message(path: Path) -> str:
 
 
 def _unreadable_message(path: Path, extension: str) -> str:
+    if _FORMAT_NAMES[extension] == "NIfTI" and nifti.is_nifti2(path):
+        return (f"{path.name} is a NIfTI-2 file, which cannot be read here (ITK reads NIfTI-1); save it as "
+                "NIfTI-1, NRRD or MetaImage.")
     return (f"{path.name} could not be read as a {_FORMAT_NAMES[extension]} image: "
             "it is damaged, truncated or not an image.")
 
@@ -137,10 +148,55 @@ def _check_pixels_are_scalar(components: int, what: str):
                          "give each channel as its own single-valued image.")
 
 
-def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader):
+def _check_geometry(spacing, direction, what: str):
+    """A positive spacing and a usable orientation (ITK refuses a zero spacing only once it reads the
+    voxels, with a message about its own internals)."""
+    for axis, value in zip("xyz", spacing):
+        if not np.isfinite(value) or value <= 0:
+            raise InputError(_spacing_message(what, f"a voxel spacing of {value:g} mm along {axis}"))
+    matrix = np.array(direction, dtype=float).reshape(len(spacing), len(spacing))
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
+        raise InputError(f"{what} has no usable orientation in its header (its axes are missing or "
+                         "parallel); the file's header needs fixing.")
+
+
+def _spacing_message(what: str, problem: str) -> str:
+    return (f"{what} has {problem} in its header; a voxel spacing must be positive, so the file's header "
+            "needs fixing.")
+
+
+def check_fits_in_memory(reader: sitk.ImageFileReader, what: str):
+    """Refuse, before ITK allocates it, an image whose header asks for more memory than there is."""
+    pixel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    voxels = float(np.prod(reader.GetSize()))
+    refuse_unless_it_fits(2 * voxels * pixel.GetSizeOfPixelComponent() * reader.GetNumberOfComponents(),
+                          f"Reading {what} ({' x '.join(str(n) for n in reader.GetSize())} voxels)",
+                          "crop or downsample the image first")
+
+
+def _checked_nifti_header(path: Path, reader: sitk.ImageFileReader) -> Optional["nifti.NiftiHeader"]:
+    """The raw NIfTI header, after refusing what ITK would silently repair (see nifti.py)."""
     if not _nifti_is_complete(path, reader):
         raise InputError(f"{path.name} is truncated or damaged: it holds less voxel data than its header "
                          "describes.")
+    header = nifti.read_header(path)
+    if header is None:
+        return None
+    problem = nifti.spacing_problem(header)
+    if problem:
+        raise InputError(_spacing_message(path.name, problem))
+    bad = nifti.non_finite_voxels(path, header)
+    if bad:
+        raise InputError(f"{path.name} contains {bad} NaN or infinite voxels; fix or mask them before segmenting.")
+    return header
+
+
+def _corners_ras(image: sitk.Image) -> np.ndarray:
+    """The image's eight corner voxels in RAS millimetres (NIfTI's space), as ITK placed them."""
+    size = image.GetSize()
+    corners = [(i, j, k) for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]
+    points = np.array([image.TransformIndexToPhysicalPoint(c) for c in corners])
+    return points * np.array([-1.0, -1.0, 1.0])
 
 
 def _nifti_is_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
@@ -197,7 +253,7 @@ def _as_3d(image: sitk.Image, what: str) -> sitk.Image:
         raise InputError(f"{what} is a 4D image with {image.GetSize()[3]} volumes; give each channel as "
                          "its own 3D image.")
     if dimension == 2:
-        return sitk.JoinSeries(image)  # spacing 1.0, origin 0 and identity along the new z axis
+        return sitk.JoinSeries(image)  # spacing 1.0, origin 0 and identity along the new z axis (see volume_to_image)
     if dimension != 3:
         raise InputError(f"{what} is a {dimension}D image; only 2D and 3D images can be segmented.")
     return image
@@ -231,10 +287,17 @@ def _dicom_series_ids(folder: Path):
     # Series details (series number, slice thickness, rows, columns, ...) split apart series whose
     # Series Instance UIDs are empty or shared, which anonymised or messy exports produce.
     # ITK prints a warning for a folder without DICOM; the caller words that case for the user.
+    with quiet_itk():
+        return sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder), True)
+
+
+@contextmanager
+def quiet_itk():
+    """ITK's warnings off: they go straight to stderr, in ITK's words, around the one line the user gets."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder), True)
+        yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
@@ -333,8 +396,9 @@ def _slice_position(reader: sitk.ImageSeriesReader, index: int):
 
 # ----------------------------------------------------------------------------------------------- writing
 
-def volume_to_image(volume: Volume) -> sitk.Image:
-    """A SimpleITK image of a Volume's (z, y, x) array with its exact geometry."""
+def volume_to_image(volume: Volume, keep_2d: bool = False) -> sitk.Image:
+    """A SimpleITK image of a Volume's (z, y, x) array with its exact geometry; with keep_2d, a volume read
+    from a 2D file becomes a 2D image again (its one slice, the in-plane geometry)."""
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise ValueError(f"expected a (z, y, x) array, got shape {array.shape}")
@@ -342,10 +406,12 @@ def volume_to_image(volume: Volume) -> sitk.Image:
         array = array.astype(np.uint8)
     elif array.dtype == np.float16:
         array = array.astype(np.float32)
-    image = sitk.GetImageFromArray(array, isVector=False)
-    image.SetSpacing(volume.spacing)
-    image.SetOrigin(volume.origin)
-    image.SetDirection(volume.direction)
+    flat = keep_2d and volume.metadata.get(FILE_DIMENSION) == "2" and array.shape[0] == 1
+    image = sitk.GetImageFromArray(array[0] if flat else array, isVector=False)
+    dimension = 2 if flat else 3
+    image.SetSpacing(volume.spacing[:dimension])
+    image.SetOrigin(volume.origin[:dimension])
+    image.SetDirection(np.array(volume.direction).reshape(3, 3)[:dimension, :dimension].ravel().tolist())
     return image
 
 
@@ -355,18 +421,43 @@ def write_volume(volume: Volume, path, compress: bool = True) -> Path:
     if not path.name.lower().endswith(WRITE_EXTENSIONS):
         raise InputError(f"Cannot write {path.name}: give a .nii.gz, .nii, .nrrd or .mha file name.")
     nifti = path.name.lower().endswith((".nii", ".nii.gz"))
-    if nifti and not _is_orthonormal(volume.direction):
+    if nifti and not is_orthonormal(volume.direction):
         raise SegmentError(f"Cannot write {path.name}: NIfTI cannot store this sheared orientation; "
                            "write .nrrd or .mha instead.")
-    image = volume_to_image(volume)
+    image = volume_to_image(volume, keep_2d=True)
     with atomic_output(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=compress)
+        write_image(image, temporary, compress)
         if nifti:
             _check_nifti_written(temporary, path)
     return path
 
 
-def _is_orthonormal(direction, tolerance: float = 1e-4) -> bool:
+def write_image(image: sitk.Image, path: Path, compress: bool = True):
+    """sitk.WriteImage, with what the C libraries under it print themselves (nifti1_io's "** ERROR: NWAD:
+    wrote only ... bytes" on a full disk) kept off the user's terminal: the failure is reported as one
+    sentence by the caller instead."""
+    with _c_stderr_silenced(), quiet_itk():
+        sitk.WriteImage(image, str(path), useCompression=compress)
+
+
+@contextmanager
+def _c_stderr_silenced():
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (a GUI): nothing to protect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def is_orthonormal(direction, tolerance: float = 1e-4) -> bool:
     matrix = np.array(direction).reshape(3, 3)
     return np.allclose(matrix @ matrix.T, np.eye(3), atol=tolerance)
 
@@ -378,6 +469,21 @@ def _check_nifti_written(temporary: Path, path: Path):
     reader.ReadImageInformation()
     if not _nifti_is_complete(temporary, reader):
         raise SegmentError(f"Could not write {path}: the disk is full or the file could not be completed.")
+
+
+def check_writable(folder) -> None:
+    """SegmentError now, before any work, when files cannot be written into `folder` (or, when it does not
+    exist yet, into the nearest folder above it that does, where it would be created). Nothing is left."""
+    folder = Path(folder).absolute()
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise SegmentError(f"Cannot write into {folder}: {existing} is a file, not a folder.")
+    probe = existing / f".segmentmbtfe-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SegmentError(f"Cannot write into {folder}: {error.strerror or error}.") from None
 
 
 @contextmanager

@@ -10,6 +10,7 @@ to CPU-held results and then the CPU on out-of-memory), average the folds' fp16 
 import copy
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -21,10 +22,13 @@ from .checkpoint import load_checkpoint, load_weights
 from .devices import choose_device, device_plans, is_out_of_memory, release_memory
 from .errors import InputError, ModelError, OutOfMemory
 from .export import export
-from .modelfolder import ModelFolder
+from .imageio import geometry_difference
+from .memory import network_bytes, prediction_bytes, refuse_unless_it_fits
+from .modelfolder import ModelFolder, checkpoint_filename
 from .networks import build_network, architecture_for_trainer
 from .postprocessing import apply_postprocessing
 from .preprocessing import preprocess, resampling_kwargs
+from .resampling import compute_new_shape
 from .progress import Progress
 from .sliding_window import network_batch_size, predict_logits
 from .volume import Volume
@@ -50,7 +54,7 @@ class Model:
         available = folder.available_folds(checkpoint)
         self.folds = [str(f) for f in folds] if folds else available
         if not self.folds:
-            raise ModelError(f"No fold of {folder.path} has a {checkpoint} checkpoint.")
+            raise ModelError(_broken_link(folder, checkpoint) or f"No fold of {folder.path} has a {checkpoint} checkpoint.")
         missing = [f for f in self.folds if f not in available]
         if missing:
             raise ModelError(f"Fold {', '.join(missing)} has no {checkpoint} checkpoint in {folder.path} "
@@ -61,11 +65,15 @@ class Model:
         # optimizer state: a fine-tuned version is written from these so it loads wherever the original does
         self.checkpoint_entries = [{k: v for k, v in c.items() if k not in ("network_weights", "optimizer_state")}
                                    for c in checkpoints]
-        self.trainer_name = checkpoints[0].get("trainer_name") or folder.trainer_name or "nnUNetTrainer"
-        axes = checkpoints[0].get("inference_allowed_mirroring_axes")
-        self.mirror_axes = tuple(int(a) for a in axes) if axes is not None else None
+        self.trainer_name = str(checkpoints[0].get("trainer_name") or folder.trainer_name or "nnUNetTrainer")
+        self.mirror_axes = _mirror_axes(checkpoints[0].get("inference_allowed_mirroring_axes"),
+                                        len(self.configuration.patch_size))
         self.network = self._build_network(checkpoints[0])
+        self.postprocessing = folder.postprocessing()
         self._checksum = None
+        # a fold folder without the checkpoint (training stopped early, a copy cut short) is left out: say so
+        self.notes = [f"{folder.path.name}/fold_{fold} has no {checkpoint_filename(checkpoint)} and was left out."
+                      for fold in folder.fold_folders() if fold not in available] if not folds else []
 
     # -- what the model is -------------------------------------------------------------------------------
     @property
@@ -105,15 +113,32 @@ class Model:
             n_in += len(self.labels.foreground_labels)
         # the checkpoint can name its own network options (MBTFE-UNet's norm, gate, EAB on/off)
         architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture, checkpoint)
-        network = build_network(architecture, n_in, self.labels.num_heads)
         source = self.folder.checkpoint_path(self.folds[0], self.checkpoint_name)
+        self._check_outputs(source)
+        refuse_unless_it_fits(network_bytes(architecture, n_in, self.labels.num_heads),
+                              f"The network described in {self.folder.path.name}/plans.json",
+                              "the plans are probably damaged")
+        network = build_network(architecture, n_in, self.labels.num_heads)
         try:
             load_weights(network, self.weights[0], source)
         except ModelError as error:
-            raise ModelError(f"{error} (trainer {self.trainer_name})") from None
+            raise ModelError(f"{str(error).rstrip('.')} (trainer {self.trainer_name}).") from None
         for fold, weights in zip(self.folds[1:], self.weights[1:]):
             load_weights(network, weights, self.folder.checkpoint_path(fold, self.checkpoint_name))
         return network.eval()
+
+    def _check_outputs(self, source):
+        """The weights' output layer must have one channel per label (or region) dataset.json lists: a
+        dataset.json copied from another model would otherwise name the segments wrongly."""
+        heads = [k for k in self.weights[0] if ".seg_layers." in k and k.endswith(".weight")]
+        if not heads:
+            return
+        last = max(heads, key=lambda k: [int(p) if p.isdigit() else -1 for p in k.split(".")])
+        outputs = int(self.weights[0][last].shape[0])
+        if outputs != self.labels.num_heads:
+            what = "regions" if self.labels.has_regions else "labels (background included)"
+            raise ModelError(f"dataset.json lists {self.labels.num_heads} {what}, but the weights in {source} "
+                             f"predict {outputs}: the dataset.json does not belong to these weights.")
 
     def with_weights(self, weights: Sequence[dict]) -> "Model":
         """The same model holding other weights for its folds (a fine-tune's result before it is saved);
@@ -137,22 +162,29 @@ class Model:
         if self.configuration.previous_stage and previous_stage is None:
             raise InputError(f"The {self.configuration.name} configuration refines the "
                              f"{self.configuration.previous_stage} prediction: give that prediction as previous stage.")
+        if previous_stage is not None and not previous_stage.same_geometry(volumes[0]):
+            raise InputError(f"The previous stage's prediction is not on the image's voxel grid "
+                             f"({geometry_difference(volumes[0], previous_stage)}); give the "
+                             f"{self.configuration.previous_stage} prediction made for this image.")
         device = choose_device(device) if not isinstance(device, torch.device) else device
+        self._refuse_unless_it_fits(volumes[0], probabilities)
         reporter.report(0.0, "preprocessing")
         pre = preprocess([_as_3d(v.array) for v in volumes], _spacing_zyx(volumes[0]), self.configuration,
                          self.folder.transpose_forward, self.folder.intensity_properties,
                          previous_stage.array if previous_stage is not None else None, self.labels.foreground_labels)
-        messages: List[str] = []
+        messages: List[str] = [v.metadata[k] for v in volumes for k in ("warning", "note") if v.metadata.get(k)]
+        messages += self.notes
         try:
             logits = self._ensemble_logits(torch.from_numpy(pre.data), device, step_size, tta,
                                            reporter.span(0.05, 0.95), messages)
         finally:  # give the GPU memory back: Slicer and other programs share it
             self.network.to("cpu")
             release_memory(device)
+        pre.data = None  # the network's input is not needed any more: its memory goes before the export's
         reporter.report(0.95, "exporting")
         labelmap, probs = export(logits, pre, self.labels, self.folder.transpose_backward,
                                  resampling_kwargs(self.configuration, "probabilities"), probabilities)
-        recipe = self.folder.postprocessing() if postprocess else None
+        recipe = self.postprocessing if postprocess else None
         if recipe:
             labelmap = apply_postprocessing(labelmap, recipe)
         if volumes[0].array.ndim == 2:  # a plain 2D array in, a 2D label map out
@@ -202,6 +234,21 @@ class Model:
                 release_memory(plan.network)
         raise AssertionError("unreachable")
 
+    def _refuse_unless_it_fits(self, volume: Volume, probabilities: bool):
+        """Refuse a case whose arrays would not fit in memory, before allocating them (see memory.py)."""
+        array_shape = _as_3d(volume.array).shape
+        shape = [array_shape[t] for t in self.folder.transpose_forward]
+        spacing = [_spacing_zyx(volume)[t] for t in self.folder.transpose_forward]
+        target = self.configuration.spacing
+        target = [spacing[0]] + target if len(target) < 3 else target
+        features = self.configuration.architecture["arch_kwargs"].get("features_per_stage", [32])
+        needed = prediction_bytes(volume.array.shape, compute_new_shape(shape, spacing, target),
+                                  len(self.channel_names), self.labels.num_heads, self.configuration.patch_size,
+                                  _first(features), 8, probabilities)
+        refuse_unless_it_fits(needed, f"Segmenting {volume.name or 'this image'} with {self.name} (patch "
+                              f"{' x '.join(str(p) for p in self.configuration.patch_size)})",
+                              "use a smaller image or check the model's plans.json")
+
     def _check_inputs(self, volumes: Sequence[Volume]) -> List[Volume]:
         if isinstance(volumes, Volume):
             volumes = [volumes]
@@ -250,6 +297,29 @@ def _check_content(volume: Volume, model_is_2d: bool):
             raise InputError(f"{name} contains {what}; fix or mask them before segmenting.")
     if a.min() == a.max():
         raise InputError(f"{name} has no content: every voxel is {a.flat[0]}.")
+
+
+def _broken_link(folder: ModelFolder, checkpoint: str) -> str:
+    """Why a fold's checkpoint that is a link to a missing file cannot load, or ''."""
+    for fold in folder.fold_folders():
+        path = folder.checkpoint_path(fold, checkpoint)
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a link to {os.readlink(path)}, which does not exist; copy the checkpoint itself."
+    return ""
+
+
+def _mirror_axes(axes, dimensions: int):
+    """The checkpoint's mirroring axes for TTA, each a valid axis of the patch; None when it names none."""
+    if axes is None:
+        return None
+    try:
+        axes = tuple(int(a) for a in axes)
+    except (TypeError, ValueError):
+        raise ModelError(f"The checkpoint's inference_allowed_mirroring_axes is not a list of axes: {axes!r}"[:200]) \
+            from None
+    if any(not 0 <= a < dimensions for a in axes):
+        raise ModelError(f"The checkpoint allows mirroring along axes {axes}, but the patch has {dimensions}.")
+    return axes
 
 
 def _first(value):

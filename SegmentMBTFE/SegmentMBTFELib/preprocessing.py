@@ -103,8 +103,13 @@ def resampling_kwargs(configuration: Configuration, what: str) -> dict:
     if not function.endswith("resample_data_or_seg_to_shape") and not function.endswith("resample_data_or_seg_to_spacing"):
         raise ModelError(f"Unsupported resampling function '{function}' in plans.json.")
     default_order = 3 if what == "data" else 1
-    return {"order": int(kwargs.get("order", default_order)), "order_z": int(kwargs.get("order_z", 0)),
-            "force_separate_z": kwargs.get("force_separate_z")}
+    try:
+        orders = int(kwargs.get("order", default_order)), int(kwargs.get("order_z", 0))
+    except (TypeError, ValueError):
+        orders = (-1, -1)
+    if not all(0 <= order <= 5 for order in orders):
+        raise ModelError(f"plans.json: the resampling orders for {what} must be whole numbers from 0 to 5.")
+    return {"order": orders[0], "order_z": orders[1], "force_separate_z": kwargs.get("force_separate_z")}
 
 
 def resample_label_map(seg: np.ndarray, new_shape, spacing, target, configuration: Configuration) -> np.ndarray:

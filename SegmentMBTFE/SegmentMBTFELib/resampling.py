@@ -74,12 +74,14 @@ def nearest_indices(old: int, new: int) -> np.ndarray:
 
 
 def _resize(x, new_shape, order):
-    """skimage.transform.resize(x, new_shape, order, mode='edge', anti_aliasing=False) in float64, as nnU-Net."""
+    """skimage.transform.resize(x, new_shape, order, mode='edge', anti_aliasing=False) in float64, as nnU-Net.
+
+    The input is not copied to float64 first: scipy's spline prefilter works in float64 anyway, so a float32
+    input gives the very same numbers with one whole-volume float64 copy less (1 GB on a 512 x 512 x 300 CT)."""
     if order == 1:
         return _resize_linear(x, new_shape)
-    x = x.astype(np.float64, copy=False)
     zoom = [n / o for n, o in zip(new_shape, x.shape)]
-    out = scipy.ndimage.zoom(x, zoom, order=order, mode="nearest", grid_mode=True)
+    out = scipy.ndimage.zoom(x, zoom, order=order, mode="nearest", grid_mode=True, output=np.float64)
     assert list(out.shape) == list(new_shape), (out.shape, new_shape)
     return np.clip(out, x.min(), x.max(), out=out)  # skimage clips to the input range
 

@@ -16,6 +16,7 @@ the model and its settings are written with the prefix `SegmentMBTFE_`.
 """
 import re
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -24,8 +25,9 @@ import SimpleITK as sitk
 
 from .colors import segment_colors
 from .errors import InputError
-from .imageio import atomic_output, image_to_volume, volume_to_image
-from .volume import Volume
+from .imageio import (atomic_output, check_fits_in_memory, image_to_volume, quiet_itk, volume_to_image,
+                      write_image)
+from .volume import Volume, label_dtype
 
 METADATA_PREFIX = "SegmentMBTFE_"
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -60,27 +62,34 @@ def write_seg_nrrd(labels: Volume, path, segments: List[Segment], metadata: Dict
     for key, value in _header_fields(array, labels, segments, metadata or {}).items():
         image.SetMetaData(key, value)
     with atomic_output(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
+        write_image(image, temporary, compress=True)
     return Path(path)
 
 
 def read_seg_nrrd(path) -> Tuple[Volume, List[Segment], Dict[str, str]]:
-    """Read a one-layer .seg.nrrd: the label map, its segments, and the SegmentMBTFE_ fields (unprefixed)."""
+    """Read a one-layer .seg.nrrd: the label map, its segments, and the SegmentMBTFE_ fields (unprefixed).
+    Any problem with the file, its header fields included, is one InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Segmentation file not found: {path}.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
+        with quiet_itk():
+            reader.ReadImageInformation()
+            if reader.GetNumberOfComponents() != 1 or reader.GetDimension() != 3:
+                raise InputError(f"{path.name} is not a one-layer 3D segmentation (overlapping segments in "
+                                 "several layers, or another kind of image); only one-layer segmentations can "
+                                 "be read.")
+            check_fits_in_memory(reader, path.name)
+            image = reader.Execute()
+        fields = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
+    except (RuntimeError, UnicodeDecodeError) as error:
         raise InputError(f"{path.name} could not be read as a NRRD segmentation: it is damaged or not NRRD.") \
             from error
-    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
-        raise InputError(f"{path.name} has overlapping segments in several layers; only one-layer "
-                         "segmentations can be read.")
-    fields = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
     volume = image_to_volume(image, name=path.name.split(".")[0], metadata={"source": str(path)})
     metadata = {k[len(METADATA_PREFIX):]: v for k, v in fields.items() if k.startswith(METADATA_PREFIX)}
-    return volume, _segments_from_fields(fields), metadata
+    return volume, _segments_from_fields(fields, path.name), metadata
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -98,9 +107,7 @@ def _label_array(array: np.ndarray, segments: List[Segment]) -> np.ndarray:
     present = set(np.unique(array).tolist()) - {0}
     if present - set(values):
         raise ValueError(f"label values {sorted(present - set(values))} have no segment")
-    largest = max(values, default=0)
-    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(t).max)
-    return array.astype(dtype, copy=False)
+    return array.astype(label_dtype(max(values, default=0)), copy=False)
 
 
 def _header_fields(array: np.ndarray, labels: Volume, segments: List[Segment],
@@ -163,7 +170,9 @@ def _metadata_fields(metadata: Dict[str, str]) -> Dict[str, str]:
     for key, value in metadata.items():
         if not _KEY.match(key):
             raise ValueError(f"metadata key {key!r} must be letters, digits, '_', '.' or '-'")
-        fields[key if key.startswith(METADATA_PREFIX) else METADATA_PREFIX + key] = str(value)
+        # teem escapes line breaks in field values (and unescapes them on reading); nothing else
+        lines = str(value).split("\n")
+        fields[key if key.startswith(METADATA_PREFIX) else METADATA_PREFIX + key] = "\n".join(map(_one_line, lines))
     return fields
 
 
@@ -178,26 +187,39 @@ def _number(value) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).splitlines())
+    """`text` as one header-safe line: each run of line breaks and other control or invisible characters
+    (NUL, escape, bidirectional overrides...) becomes one space, so no name can end or forge a header line."""
+    parts = ["".join(run) if printable else " " for printable, run in groupby(str(text), key=str.isprintable)]
+    return "".join(parts).strip()
 
 
 # --------------------------------------------------------------------------------------------- reading
 
-def _segments_from_fields(fields: Dict[str, str]) -> List[Segment]:
+def _segments_from_fields(fields: Dict[str, str], file_name: str) -> List[Segment]:
     by_index: Dict[int, Dict[str, str]] = {}
     for key, value in fields.items():
         match = _SEGMENT_FIELD.match(key)
         if match:
             by_index.setdefault(int(match.group(1)), {})[match.group(2)] = value
-    return [_segment(index, by_index[index]) for index in sorted(by_index)]
+    segments = [_segment(index, by_index[index], file_name) for index in sorted(by_index)]
+    values = [s.label_value for s in segments]
+    if len(set(values)) != len(values):
+        raise InputError(f"{file_name}: two segments share one label value; the file's header is damaged.")
+    return segments
 
 
-def _segment(index: int, field: Dict[str, str]) -> Segment:
-    color = tuple(float(c) for c in field["Color"].split()) if "Color" in field else None
-    return Segment(name=field.get("Name", f"Segment_{index + 1}"),
-                   label_value=int(field.get("LabelValue", index + 1)),
-                   color=color, terminology=_terminology(field.get("Tags", "")),
-                   id=field.get("ID", ""))
+def _segment(index: int, field: Dict[str, str], file_name: str) -> Segment:
+    try:
+        color = tuple(float(c) for c in field["Color"].split()) if "Color" in field else None
+        label_value = int(field.get("LabelValue", index + 1))
+    except ValueError:
+        color, label_value = (), 0
+    if color is not None and (len(color) != 3 or not all(0 <= c <= 1 for c in color)) or not 0 < label_value < 2 ** 32:
+        raise InputError(f"{file_name}: segment {index}'s colour or label value is not valid "
+                         f"({_one_line(field.get('Color', ''))[:30]!r}, {_one_line(field.get('LabelValue', ''))[:20]!r}); "
+                         "the file's header is damaged.")
+    return Segment(name=field.get("Name", f"Segment_{index + 1}"), label_value=label_value,
+                   color=color, terminology=_terminology(field.get("Tags", "")), id=field.get("ID", ""))
 
 
 def _terminology(tags: str) -> Optional[str]:

@@ -145,6 +145,8 @@ def predict_logits(network, data: torch.Tensor, patch_size, num_heads: int, *, s
             weights[tile[1:]] += gaussian
     progress.report(1.0, f"tile {len(all_tiles)} of {len(all_tiles)}")
     torch.div(logits, weights, out=logits)
-    if torch.isinf(logits).any():
+    if any(float(low) == -np.inf or float(high) == np.inf for low, high in map(torch.aminmax, logits)):
+        # per channel, and by min/max: torch.isinf on the whole fp16 tensor makes a float32 copy of it (3.5 GB
+        # for 26 classes of a 512 x 512 x 300 CT at 1.5 mm) and takes seconds
         raise FloatingPointError("The summed logits overflowed fp16.")
     return logits[undo]

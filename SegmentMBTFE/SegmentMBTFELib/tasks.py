@@ -90,15 +90,16 @@ def segment_files(model, version, cases: Sequence, output_dir, device="auto", st
 
 
 def finetune_version(model, model_path, cases, validation=(), settings=None, progress=None, cancel=None,
-                     target=None, make_current: bool = True, configuration: str = None) -> Tuple[object, object]:
+                     target=None, make_current: bool = True, configuration: str = None,
+                     started: float = None) -> Tuple[object, object]:
     """Fine-tune `model` (a loaded version of the model at `model_path`) and write the result as a new
-    version: (Version, FinetuneResult). The model it started from is never modified."""
+    version: (Version, FinetuneResult). The model it started from is never modified. `started`
+    (time.perf_counter()) is when the user asked: a time budget counts from then."""
     from .finetune import finetune
     from .versions import ModelVersions
     versions = ModelVersions(model_path, configuration=configuration)
-    if target is not None:
-        versions.check_target(target)  # before minutes of training
-    result = finetune(model, cases, validation, settings, progress=progress, cancel=cancel)
+    versions.check_writable(target)  # before minutes of training
+    result = finetune(model, cases, validation, settings, progress=progress, cancel=cancel, started=started)
     if progress:
         progress(1.0, "writing the new version")
     return versions.add(model, result, target=target, make_current=make_current, cancel=cancel), result

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -42,6 +43,8 @@ _CHECKPOINT = CHECKPOINTS["final"]
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 _VERSION_ID = re.compile(r"^v(\d+)$")
 _LOCK_STALE_S = 300
+_HOLDER_FILE = ".holder.json"   # in a version being written: which program writes it
+_FAMILY_KEY = re.compile(r"^[A-Za-z0-9_.-]{0,80}-[0-9a-f]{12}$")
 
 
 def versions_home() -> Path:
@@ -78,11 +81,11 @@ class Version:
         parts = [f"from {self.parent}"] if self.parent else []
         if self.created:
             parts.append(_local_time(self.created))
-        run = self.provenance.get("finetune") or {}
-        cases = run.get("cases")
-        if run.get("iterations") is not None:
+        run = _mapping(self.provenance.get("finetune"))  # version.json is a file users can edit: check each field
+        cases = run.get("cases") if isinstance(run.get("cases"), list) else None
+        if isinstance(run.get("iterations"), int):
             parts.append(_plural(run["iterations"], "iteration") + (f" on {_plural(len(cases), 'case')}" if cases else ""))
-        dice = _dice_text(run.get("dice_before") or {}, run.get("dice_after") or {})
+        dice = _dice_text(_mapping(run.get("dice_before")), _mapping(run.get("dice_after")))
         if dice:
             parts.append(dice)
         return f"{self.id} ({', '.join(parts)})" if parts else self.id
@@ -100,14 +103,12 @@ class ModelVersions:
         self._opened_root: Optional[Path] = None
         if root is not None:
             record = _read_version_file(root)
-            self.key = str(record["family"])
+            self.key = record["family"]
             self.family_dir = self.home / "versions" / self.key
-            self.original = Path(record.get("original") or "")
-            original = self._read_registry(missing_ok=True).get("original") or record.get("original")
-            if not original:
-                raise ModelError(f"{root / VERSION_FILE} does not name its original model.")
+            self.original = Path(record["original"])
+            original = self._read_registry(missing_ok=True).get("original") or record["original"]
             self.original = Path(original)
-            self.opened, self._opened_record, self._opened_root = str(record["id"]), record, root.resolve()
+            self.opened, self._opened_record, self._opened_root = record["id"], record, root.resolve()
         else:
             self.original = _trained_folder(path, configuration).resolve()
             sha = _family_sha256(self.original, self.home)[:12]
@@ -198,7 +199,9 @@ class ModelVersions:
                 registry["versions"].append(self._entry(id, version.path, version.parent, version.created))
             was_current = self._current_id(registry) == id
             parked = None
-            if version.path.exists():  # out of the way first, so a failure below leaves it as it was
+            # out of the way first, so a failure below leaves it as it was; a folder that is not this
+            # version's (a version list edited by hand can point anywhere) is only taken off the list
+            if version.path.exists() and self._owns(version.path, id):
                 parked = version.path.with_name(f".{version.path.name}.deleting-{uuid.uuid4().hex[:8]}")
                 os.replace(version.path, parked)
             try:
@@ -251,10 +254,12 @@ class ModelVersions:
         explicit = target is not None
         number = self._next_number(self._read_registry(missing_ok=True))
         path = self.check_target(target) if explicit else self.family_dir / f"v{number}"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _writable_folder(path.parent, self.name)
+        self._remove_leftovers()
         partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
             partial.mkdir()
+            _write_json(partial / _HOLDER_FILE, _holder())  # lets a later run remove it if this one dies
             record = self._write_folder(partial, model, result, folds, f"v{number}", parent, cancel)
             _check_cancel(cancel)
             with self._locked():
@@ -271,6 +276,7 @@ class ModelVersions:
                         raise ModelError(f"The output folder {path} was filled while the version was written; "
                                          f"nothing was written.")
                     path.rmdir()
+                (partial / _HOLDER_FILE).unlink()
                 os.replace(partial, path)
                 try:
                     registry["versions"].append(self._entry(record["id"], path, parent, record["created"]))
@@ -359,20 +365,34 @@ class ModelVersions:
                 raise ValueError("not a JSON object")
         except FileNotFoundError:
             return {}, f"{VERSION_FILE} is missing from {path}"
-        except (OSError, ValueError, UnicodeDecodeError) as error:
-            return {}, f"{path / VERSION_FILE} cannot be read ({error})"
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
+            return {}, f"{path / VERSION_FILE} cannot be read ({str(error)[:120]})"
         if record.get("family") != self.key or str(record.get("id")) != id:
-            return record, f"{path / VERSION_FILE} describes {record.get('id')} of another model"
+            return record, f"{path / VERSION_FILE} describes {str(record.get('id'))[:20]} of another model"
         checkpoints = record.get("checkpoints")
         if not isinstance(checkpoints, dict) or not checkpoints:
             return record, f"{path / VERSION_FILE} lists no checkpoints"
         for relative, expected in checkpoints.items():
+            if Path(relative).is_absolute() or ".." in Path(relative).parts or "\0" in relative:
+                return record, f"{path / VERSION_FILE} lists a checkpoint outside the version's folder"
             file = path / relative
             if not file.is_file():
                 return record, f"checkpoint {relative} is missing"
             if _file_sha256(file) != expected:
                 return record, f"checkpoint {relative} was changed or corrupted (its checksum is not the recorded one)"
         return record, ""
+
+    def _owns(self, path: Path, id: str) -> bool:
+        """Whether `path` is version `id`'s own folder: inside this family's folder, or describing itself
+        as that version of this family."""
+        resolved, family = path.resolve(), self.family_dir.resolve()
+        if family in resolved.parents:
+            return True
+        try:
+            record = json.loads((path / VERSION_FILE).read_text())
+            return isinstance(record, dict) and record.get("family") == self.key and record.get("id") == id
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return False
 
     def _is_protected(self, path: Path) -> bool:
         path = Path(path).absolute()
@@ -393,7 +413,7 @@ class ModelVersions:
 
     def _current_id(self, registry: dict) -> str:
         current = registry.get("current") or ORIGINAL
-        return current if current in {e["id"] for e in _live(registry)} else ORIGINAL
+        return current if isinstance(current, str) and current in {e["id"] for e in _live(registry)} else ORIGINAL
 
     def _next_number(self, registry: dict) -> int:
         numbers = [_number(e["id"]) for e in registry["versions"]]
@@ -409,11 +429,15 @@ class ModelVersions:
             registry = json.loads(path.read_text())
             if not isinstance(registry, dict) or not isinstance(registry.get("versions", []), list):
                 raise ValueError("not a version list")
-        except (OSError, ValueError, UnicodeDecodeError) as error:
-            raise ModelError(f"The version list {path} cannot be read ({error}); restore or delete it "
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
+            raise ModelError(f"The version list {path} cannot be read ({str(error)[:120]}); restore or delete it "
                              f"(the version folders are kept).") from None
         registry.setdefault("versions", [])
-        registry["versions"] = [e for e in registry["versions"] if isinstance(e, dict) and "id" in e and "path" in e]
+        registry["versions"] = [e for e in registry["versions"] if isinstance(e, dict) and isinstance(e.get("id"), str)
+                                and isinstance(e.get("path"), str) and "\0" not in e["path"]
+                                and isinstance(e.get("parent") or "", str)]
+        if not isinstance(registry.get("original") or "", str) or "\0" in str(registry.get("original")):
+            registry["original"] = ""
         return registry
 
     def _write_registry(self, registry: dict):
@@ -423,30 +447,48 @@ class ModelVersions:
 
     @contextmanager
     def _locked(self):
-        """One program at a time changes the registry (a lock file; a stale one from a crash is broken)."""
-        self.family_dir.mkdir(parents=True, exist_ok=True)
+        """One program at a time changes the registry: a lock file naming its holder. A lock left by a
+        program that died (Ctrl+C at the wrong moment, killed, a crash) is broken at once when its holder is
+        known to be gone on this machine, else after _LOCK_STALE_S."""
+        _writable_folder(self.family_dir, self.name)
         lock = self.family_dir / ".lock"
         deadline = time.monotonic() + 30
         while True:
             try:
                 handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(handle, json.dumps(_holder()).encode())
                 break
             except FileExistsError:
-                try:
-                    if time.time() - lock.stat().st_mtime > _LOCK_STALE_S:
-                        lock.unlink()
-                        continue
-                except FileNotFoundError:
+                if _break_if_stale(lock):
                     continue
                 if time.monotonic() > deadline:
                     raise ModelError(f"The versions of {self.name} are being changed by another program "
                                      f"(lock file {lock}); try again, or delete that file if none is.") from None
                 time.sleep(0.1)
+            except OSError as error:
+                raise ModelError(_unwritable(self.family_dir, self.name, error)) from None
         try:
             yield
         finally:
             os.close(handle)
             lock.unlink(missing_ok=True)
+
+    def check_writable(self, target=None):
+        """ModelError now, before minutes of fine-tuning, when the new version could not be written."""
+        if target is not None:
+            path = self.check_target(target)
+            _writable_folder(path.parent, self.name)
+        else:
+            _writable_folder(self.family_dir, self.name)
+
+    def _remove_leftovers(self):
+        """Remove what programs that died while writing or deleting a version left in the family folder
+        (hidden .vN.partial-* and .vN.deleting-* folders), when their program is known to be gone."""
+        if not self.family_dir.is_dir():
+            return
+        for folder in self.family_dir.glob(".v*.*-*"):
+            if ".deleting-" in folder.name or (".partial-" in folder.name and _holder_gone(folder / _HOLDER_FILE)):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve(model_path, version: str = None, home=None, configuration: Optional[str] = None) -> Tuple[Path, Version]:
@@ -490,14 +532,21 @@ def _version_root(path: Path) -> Optional[Path]:
 
 
 def _read_version_file(root: Path) -> dict:
+    """A version folder's version.json, checked where it names other places: its family (a folder name in
+    the versions home, so never a path) and its original model."""
     file = root / VERSION_FILE
     try:
         record = json.loads(file.read_text())
-        if not isinstance(record, dict) or not record.get("family") or not record.get("id"):
-            raise ValueError("it names no family and id")
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise ModelError(f"{file} cannot be read ({error}); open the version through its original model "
-                         f"folder to see or delete it.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("family"), str) or \
+                not _FAMILY_KEY.match(record["family"]) or not _VERSION_ID.match(str(record.get("id"))):
+            raise ValueError("it names no valid family and version id")
+        if not isinstance(record.get("original"), str) or not record["original"] or "\0" in record["original"]:
+            raise ValueError("it does not name its original model")
+        if not isinstance(record.get("parent") or {}, dict):
+            raise ValueError("its parent is not described")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ModelError(f"{file} cannot be read ({str(error)[:120]}); open the version through its original "
+                         f"model folder to see or delete it.") from None
     return record
 
 
@@ -597,6 +646,58 @@ def _write_json(path: Path, data: dict, atomic: bool = False):
         temporary.unlink(missing_ok=True)
 
 
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _holder_gone(file: Path) -> bool:
+    """True when `file` names a program on this machine that no longer runs."""
+    try:
+        holder = json.loads(file.read_text())
+        pid, host = int(holder["pid"]), holder["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or sys.platform == "win32":  # os.kill(pid, 0) would end it on Windows
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _break_if_stale(lock: Path) -> bool:
+    """Remove a lock whose holder is gone or that is older than _LOCK_STALE_S; True when the lock is gone."""
+    try:
+        text = lock.read_text()
+        stale = _holder_gone(lock) or time.time() - lock.stat().st_mtime > _LOCK_STALE_S
+        if stale and lock.read_text() == text:  # still the same holder's lock, not a new one
+            lock.unlink()
+        return stale
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _writable_folder(folder: Path, name: str):
+    """Create `folder` if needed and check a file can be written there; ModelError saying why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ModelError(_unwritable(folder, name, error)) from None
+
+
+def _unwritable(folder: Path, name: str, error: OSError) -> str:
+    return (f"Cannot write versions of {name} to {folder} ({error.strerror or error}); set SEGMENTMBTFE_HOME to a "
+            "writable folder, or give the new version's folder.")
+
+
 def _live(registry: dict) -> List[dict]:
     return [e for e in registry["versions"] if not e.get("deleted")]
 
@@ -618,17 +719,22 @@ def _now() -> str:
 def _local_time(iso: str) -> str:
     try:
         return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return iso
+    except (ValueError, TypeError, OverflowError):
+        return str(iso)[:40]
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _mean_dice(dice: dict, which: str):
-    value = (dice.get(which) or {}).get("mean")
-    return float(value) if isinstance(value, (int, float)) and value == value else None  # NaN: nothing labelled
+    value = _mapping(dice.get(which)).get("mean")
+    usable = isinstance(value, (int, float)) and value == value and abs(value) < 1e300  # NaN: nothing labelled
+    return float(value) if usable else None
 
 
 def _dice_text(before: dict, after: dict) -> str:

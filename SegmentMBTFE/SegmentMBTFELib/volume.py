@@ -9,6 +9,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+FILE_DIMENSION = "file_dimension"   # metadata: "2" when the volume was read from a 2D image file
+
 
 @dataclass
 class Volume:
@@ -29,11 +31,19 @@ class Volume:
         return self.array.shape
 
     def with_array(self, array: np.ndarray, name: str = None) -> "Volume":
-        """The same geometry holding another array (a label map, a probability)."""
-        return Volume(array, self.spacing, self.origin, self.direction, name if name is not None else self.name)
+        """The same geometry holding another array (a label map, a probability); a volume read from a 2D
+        file stays marked as one, so that its label map is written as a 2D file too."""
+        kept = {k: v for k, v in self.metadata.items() if k == FILE_DIMENSION}
+        return Volume(array, self.spacing, self.origin, self.direction, name if name is not None else self.name,
+                      kept)
 
     def same_geometry(self, other: "Volume", tolerance: float = 1e-4) -> bool:
         return (self.array.shape == other.array.shape
                 and np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=tolerance)
                 and np.allclose(self.origin, other.origin, rtol=tolerance, atol=tolerance)
                 and np.allclose(self.direction, other.direction, atol=tolerance))
+
+
+def label_dtype(largest: int):
+    """The smallest unsigned type holding label values up to `largest`: uint8 up to 255, then wider."""
+    return next(t for t in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(t).max)

@@ -209,7 +209,7 @@ def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
     from dataclasses import fields
     from .finetune import Case, FinetuneSettings
     from .tasks import open_model, finetune_version
-    folder = request["folder"]
+    folder, started = request["folder"], time.perf_counter()
     known = {f.name for f in fields(FinetuneSettings)}
     settings = FinetuneSettings(**{k: v for k, v in (request.get("settings") or {}).items() if k in known})
     cases = [Case(str(case["name"]), [exchange.read_volume(folder, v) for v in case["images"]],
@@ -217,11 +217,11 @@ def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
     progress(0.0, "loading the model")
     model, parent = open_model(request["model"], cache=worker.models)
     version, result = finetune_version(model, request["model"], cases, (), settings, progress, cancel,
-                                       make_current=False)
+                                       make_current=False, started=started)
     return {"version": version.id, "version_path": str(version.path), "parent": parent.id,
             "iterations": result.iterations, "seconds": result.seconds, "device": result.device,
             "stopped": result.stopped, "frozen": result.frozen, "dice_before": result.dice_before,
-            "dice_after": result.dice_after}
+            "dice_after": result.dice_after, "budget_s": result.budget_s, "timing": result.timing}
 
 
 COMMANDS = {"segment": _segment, "segment_files": _segment_files, "finetune": _finetune}

@@ -1,13 +1,14 @@
 """Write a Prediction to disk in the format its file name asks for (label map, Slicer segments, probabilities)."""
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 import numpy as np
 
 from .errors import InputError
-from .imageio import WRITE_EXTENSIONS, atomic_output, write_volume
+from .imageio import WRITE_EXTENSIONS, atomic_output, check_writable, is_orthonormal, write_volume
 from .segfile import Segment, write_seg_nrrd
 from .terminology import terminology_for
+from .volume import Volume
 
 SEG_NRRD = ".seg.nrrd"
 
@@ -20,6 +21,34 @@ def output_format(path) -> str:
     if name.endswith(WRITE_EXTENSIONS):
         return "labelmap"
     raise InputError(f"Cannot write {Path(path).name}: give a .nii.gz, .nii, .nrrd, .mha or .seg.nrrd file name.")
+
+
+def check_output(path, inputs: Sequence = (), volume: Volume = None) -> str:
+    """What output_format says, after refusing now, before any work, an output that would fail or harm:
+    an unknown extension, one of the inputs itself, a folder that cannot be written, a NIfTI file for an
+    image whose orientation NIfTI cannot store."""
+    path = Path(path)
+    kind = output_format(path)
+    for source in map(Path, inputs):
+        if _same_file(path, source) or _same_file(probabilities_path(path), source):
+            raise InputError(f"The output {path} would overwrite the input image {source}; give another file name.")
+        if source.is_dir() and source.resolve() in path.resolve().parents:
+            raise InputError(f"The output {path} is inside the input DICOM folder {source}; write it elsewhere.")
+    if path.is_dir():
+        raise InputError(f"Cannot write {path}: it is a folder.")
+    check_writable(path.parent)
+    if volume is not None and kind == "labelmap" and path.name.lower().endswith((".nii", ".nii.gz")) \
+            and not is_orthonormal(volume.direction):
+        raise InputError(f"Cannot write {path.name}: NIfTI cannot store the input's sheared orientation; write "
+                         ".nrrd, .mha or .seg.nrrd instead.")
+    return kind
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 def write_prediction(prediction, path, terminology=terminology_for) -> List[Path]:

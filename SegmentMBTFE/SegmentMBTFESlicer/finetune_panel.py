@@ -54,7 +54,10 @@ def progress_text(fraction: float, stage: str) -> str:
 
 def result_text(run) -> str:
     """What the section shows after a run: Dice before -> after, per label, and what was left out."""
-    lines = [runner.dice_text(run.result) or "No Dice measured (evaluation was off)."]
+    result = run.result
+    budget = f" (time budget {result.budget_s / 60:.1f} min)" if result.budget_s else ""
+    lines = [runner.dice_text(result) or "No Dice measured (evaluation was off).",
+             f"{result.iterations} training iterations in {result.seconds:.0f} s on {result.device}{budget}."]
     details = runner.dice_details(run.result)
     if details:
         lines.append(f"Per label: {details}.")

@@ -187,6 +187,8 @@ class FinetuneResult:
     frozen: List[str] = field(default_factory=list)
     dice_before: dict = field(default_factory=dict)   # "training" -> label name -> Dice, and "mean"
     dice_after: dict = field(default_factory=dict)
+    budget_s: Optional[float] = None                  # the time budget the run fitted (None: fixed iterations)
+    timing: dict = field(default_factory=dict)        # where the seconds went
 
 
 @dataclass
@@ -202,10 +204,12 @@ class FinetuneRun:
         return dice_text(self.result)
 
 
-def finetune_settings(iterations: int = 200, minutes: float = None, learning_rate: float = 1e-3,
+def finetune_settings(iterations: int = None, minutes: float = None, learning_rate: float = 1e-3,
                       freeze_encoder: bool = False, device: str = "auto") -> dict:
-    """The worker's fine-tuning settings (fields of the engine's FinetuneSettings)."""
-    return {"iterations": int(iterations), "time_budget_s": float(minutes) * 60 if minutes else None,
+    """The worker's fine-tuning settings (fields of the engine's FinetuneSettings). iterations None or 0: as
+    many as the time budget allows; minutes None or 0 with iterations None: the engine's default budget."""
+    return {"iterations": int(iterations) if iterations else None,
+            "time_budget_s": float(minutes) * 60 if minutes else None,
             "learning_rate": float(learning_rate), "freeze_encoder": bool(freeze_encoder),
             "device": device or "auto"}
 

@@ -28,6 +28,11 @@ LAYERS = {cls.__name__: cls for cls in (
 _IGNORED_DEFAULTS = {"block": "BasicBlockD", "bottleneck_channels": None}
 
 
+# What the network classes raise for arguments of the wrong type, length or value (a hand-edited plans.json).
+_BAD_ARGUMENTS = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, ZeroDivisionError,
+                  OverflowError, AssertionError)
+
+
 def short_name(dotted: str) -> str:
     return str(dotted).rsplit(".", 1)[-1]
 
@@ -59,8 +64,8 @@ def build_network(architecture: dict, input_channels: int, num_classes: int, dee
     try:
         return cls(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision,
                    **kwargs)
-    except TypeError as error:
-        raise ModelError(f"The plans' architecture does not fit {name}: {error}") from None
+    except _BAD_ARGUMENTS as error:
+        raise ModelError(f"The plans' architecture does not fit {name}: {str(error)[:200]}") from None
 
 
 def _with_batchnorm(architecture: dict, checkpoint: dict = None) -> dict:
@@ -83,4 +88,8 @@ def architecture_for_trainer(trainer_name: str, architecture: dict, checkpoint: 
     transform = TRAINERS.get(trainer_name)
     if transform is None and is_mbtfe_checkpoint(checkpoint):
         transform = checkpoint_architecture  # a subclass of an MBTFE trainer, or the original MBTFE code
-    return transform(architecture, checkpoint) if transform else architecture
+    try:
+        return transform(architecture, checkpoint) if transform else architecture
+    except _BAD_ARGUMENTS as error:
+        raise ModelError(f"The plans' architecture does not fit the {trainer_name} network: {str(error)[:200]}") \
+            from None

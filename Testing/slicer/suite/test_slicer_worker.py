@@ -135,7 +135,7 @@ def test_cleanup_mid_run_is_quick_and_ends_the_worker(widget, scene, hippo3d_mod
     before = scene_state(scene)
     started = time.perf_counter()
     slicer.app.moduleManager().unload("SegmentMBTFE")  # what Slicer does at exit: the widget's cleanup() runs
-    assert time.perf_counter() - started < 1.5
+    assert time.perf_counter() - started < 3  # half a second for the worker to exit, then it is killed
     assert not worker.shared().running and widget.jobs.job is None and not jobs.is_running()
     assert widget.ui.statusLabel.text() == "Cancelled: nothing was changed."
     assert scene_state(scene) == before
