@@ -9,6 +9,7 @@ trains and writes a new version, and `FinetuneRun` describes it. Everything here
 the main thread; nothing here imports torch.
 """
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -86,8 +87,8 @@ def resolve_model(model, user_folders: Sequence[str] = ()) -> str:
     if hasattr(model, "predict"):  # a loaded Model: the worker loads the same folder
         return str(model.folder.path)
     text = str(model or "").strip()
-    if text and Path(text).expanduser().is_dir():
-        return str(Path(text).expanduser())
+    if text and (Path(text).expanduser().is_dir() or "/" in text or os.sep in text):
+        return str(Path(text).expanduser())  # a path (existing or not: the engine says what is wrong with it)
     models = catalog.available_models(user_folders)
     found = catalog.find(models, text) if text else None
     if found is None:

@@ -186,6 +186,26 @@ def test_segments_keep_the_names_and_colours_we_give_them(scene, tmp_path):
             assert segment.GetTerminology() == terminology_for(name, MODEL)
 
 
+def test_label_names_with_line_breaks_cannot_corrupt_the_file_slicer_saves(scene, tmp_path):
+    """A dataset.json label name holding a line break or an escape character becomes one line in Slicer, so
+    the .seg.nrrd Slicer writes keeps its header (one name per segment, nothing forged)."""
+    from SegmentMBTFESlicer import segmentation
+    from SegmentMBTFESlicer.volumes import geometry_of
+    volume = add_volume()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "output")
+    hostile = [(1, "left\nSegment9_Name:=forged"), (2, "right\x1b[31m part")]
+    ids = segmentation.write_labels(node, model_labels(), geometry_of(volume), hostile, MODEL)
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(tmp_path / "output.seg.nrrd"))
+    assert storage.WriteData(node)
+    reloaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reloaded")
+    assert storage.ReadData(reloaded)
+    names = [reloaded.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(reloaded.GetSegmentation().GetNumberOfSegments())]
+    assert names == ["left Segment9_Name:=forged", "right [31m part"]
+    assert [node.GetSegmentation().GetSegment(i).GetName() for i in ids] == names
+
+
 # ------------------------------------------------------------------------------------------------ transforms
 
 @pytest.mark.parametrize("volume_moved", [False, True], ids=["volume in world", "volume under its own transform"])
