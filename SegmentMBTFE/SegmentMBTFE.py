@@ -58,6 +58,7 @@ class SegmentMBTFEParameterNode:
     tta: bool = True
     stepSize: Annotated[float, WithinRange(0.1, 1.0)] = 0.5
     folds: str = ""
+    uncertainty: bool = False
 
 
 class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -129,9 +130,10 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
     """Segmentation without the panel: the console and batch API.
 
-    `model` is a model folder path, the name of a shipped or added model (as the panel shows it, e.g.
-    "Dataset004_Hippocampus (3d_fullres)", or the folder name), or a loaded engine Model. Every call runs the
-    engine in the worker process, which keeps the models it loaded for the next call.
+    `model` is a model folder path, the name of a model the panel lists (as the panel shows it, e.g.
+    "Dataset004_Hippocampus (3d_fullres)", as `segment-mbtfe models list` shows it, or the folder name), or a
+    loaded engine Model. Every call runs the engine in the worker process, which keeps the models it loaded for
+    the next call.
     """
 
     def __init__(self) -> None:
@@ -146,39 +148,43 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         dependencies.ensure_in_slicer(askConfirmation)
 
     def availableModels(self) -> list:
-        """The models the panel offers (shipped and added), each with name, path, channels, labels, folds."""
-        return catalog.available_models(catalog.remembered_folders(qt.QSettings()))
+        """The models the panel offers (those `segment-mbtfe models list` shows: shipped, added, registered), each
+        with name, path, channels, labels, folds."""
+        return catalog.available_models(qt.QSettings())
 
     def segment(self, volumeNodes, model, outputSegmentation=None, device: str = "auto", tta: bool = True,
                 stepSize: float = 0.5, folds=None, checkpoint: str = "final", show3D: bool = True,
-                progress=None, cancel=None):
+                progress=None, cancel=None, uncertainty: bool = False):
         """Segment `volumeNodes` (one per model channel, or a single node) and return the segmentation node.
 
         outputSegmentation: None creates a new node; an existing node keeps its other segments and only this
         model's earlier segments are replaced. progress(fraction, text) is called along the way (default: the
         log); `cancel` (a threading.Event) stops the run within one tile. Blocks, keeping Slicer painting.
+        uncertainty: also the entropy (and disagreement) maps over the image and a table per segment.
         """
         self.ensureDependencies()
-        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D)
+        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D, uncertainty)
         return logic.segment(volumeNodes, self._modelPath(model), options, outputSegmentation,
                              progress or logic.LogProgress(), cancel)
 
     def segmentFiles(self, paths, model, outputDir, device: str = "auto", tta: bool = True, stepSize: float = 0.5,
-                     folds=None, checkpoint: str = "final", progress=None, cancel=None) -> list:
-        """Segment image files (each a path, or a list of channel paths) into outputDir/<case>.seg.nrrd.
-        Nothing is added to the scene. Returns the paths written."""
+                     folds=None, checkpoint: str = "final", progress=None, cancel=None, format: str = "seg.nrrd") -> list:
+        """Segment image files or DICOM series folders (each a path, or a list of channel paths) into
+        outputDir/<case>.seg.nrrd. format: "seg.nrrd", "dicom-seg" (<case>.dcm, a DICOM SEG referencing the
+        input series; needs DICOM inputs and highdicom), "nifti" or an extension (".nrrd"). Nothing is added to
+        the scene. Returns the paths written; which DICOM series each case used is logged."""
         self.ensureDependencies()
         options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint)
         return logic.segment_files(paths, self._modelPath(model), outputDir, options, progress or logic.LogProgress(),
-                                   cancel)
+                                   cancel, format)
 
     def startSegmentation(self, volumeNodes, model, outputSegmentation=None, device: str = "auto", tta: bool = True,
                           stepSize: float = 0.5, folds=None, checkpoint: str = "final", show3D: bool = True,
-                          onProgress=None, onFinished=None):
+                          onProgress=None, onFinished=None, uncertainty: bool = False):
         """Start segmenting in the worker and return the job at once. Its progress and end arrive as Qt events:
         onProgress(fraction, text), then onFinished(outcome) with outcome.result the segmentation node (or
         outcome.error / outcome.cancelled set). job.cancel() stops it; job.wait() blocks until it ends."""
-        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D)
+        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D, uncertainty)
         return logic.start_segmentation(volumeNodes, self._modelPath(model), options, outputSegmentation,
                                         onProgress, onFinished)
 
@@ -209,7 +215,7 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         return logic.start_finetune(plan, settings, on_progress=onProgress, on_finished=onFinished)
 
     def _modelPath(self, model) -> str:
-        return runner.resolve_model(model, catalog.remembered_folders(qt.QSettings()))
+        return runner.resolve_model(model, qt.QSettings())
 
     def _finetunePlan(self, segmentationNodes, volumeNodes, model):
         if model is None:  # the model that made the (first) segmentation

@@ -108,6 +108,13 @@ def hippo3d_model(nnunet_model):
 
 
 @pytest.fixture(scope="session")
+def hippo3d_zip(hippo3d_model, nnunet_models_root) -> Path:
+    """hippo3d as nnU-Net's own `nnUNetv2_export_model_to_zip` packs it (nnunet_zip.py; about 20 s the first time)."""
+    import nnunet_zip
+    return nnunet_zip.export_zip(nnunet_models_root, hippo3d_model)
+
+
+@pytest.fixture(scope="session")
 def hippo2d_model(nnunet_model):
     return nnunet_model("hippo2d")
 

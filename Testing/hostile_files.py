@@ -103,30 +103,36 @@ def edit_checkpoint(model: Path, edit: Callable[[dict], None], fold: str = "0") 
     return path
 
 
-def write_dicom_series(folder: Path, volume: np.ndarray, positions: Optional[Sequence[float]] = None,
+def write_dicom_series(folder: Path, volume: np.ndarray, positions: Optional[Sequence] = None,
                        pixel_spacing=(0.8, 0.8), series_number: int = 1, description: str = "axial",
-                       series_uid: Optional[str] = None, first_instance: int = 1) -> Path:
-    """One CT slice file per z of `volume` (int16, z-y-x) written with pydicom, at the given z positions (mm)."""
+                       series_uid: Optional[str] = None, first_instance: int = 1,
+                       orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), modality: str = "CT") -> Path:
+    """One CT (or MR) slice file per z of `volume` (int16, z-y-x) written with pydicom, at the given positions:
+    z in mm, or (x, y, z) per slice; `orientation` is Image Orientation (Patient), one per slice or for all."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
     folder.mkdir(parents=True, exist_ok=True)
     positions = list(positions if positions is not None else np.arange(volume.shape[0]) * 2.0)
+    positions = [list(map(float, p)) if np.ndim(p) else [0.0, 0.0, float(p)] for p in positions]
+    orientations = [list(map(float, o)) for o in (orientation if np.ndim(orientation) == 2
+                                                  else [orientation] * len(positions))]
+    storage = MRImageStorage if modality == "MR" else CTImageStorage
     series_uid = series_uid or generate_uid()
     study_uid = generate_uid(entropy_srcs=[str(folder.parent)])
-    for k, z in enumerate(positions):
+    for k, position in enumerate(positions):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPClassUID = storage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientID, ds.PatientName, ds.Modality = "SAFETY", "Safety^Test", "CT"
+        ds.SOPClassUID, ds.SOPInstanceUID = storage, meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.PatientName, ds.Modality = "SAFETY", "Safety^Test", modality
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, first_instance + k, description
         ds.FrameOfReferenceUID = study_uid
-        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = position
+        ds.ImageOrientationPatient = orientations[k]
         ds.PixelSpacing = list(pixel_spacing)
         ds.SliceThickness = 2.0
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]

@@ -30,6 +30,8 @@ import model_factory
 from hostile_files import (copy_model, edit_checkpoint, edit_json, edit_nifti_header, edit_nrrd_header,
                            full_disk_prefix, nifti_with_two_orientations, read_only_prefix, smooth_volume,
                            write_dicom_series, write_image)
+from hostile_zips import (FIFO, SYMLINK, damage_member, documents_zip, export_layout_zip, many_members_zip,
+                         nnunet_v1_zip, plain_member, special_member, zip_bomb)
 
 ELLIPSIS = "…"
 
@@ -366,14 +368,57 @@ def ct_slices(count=12, seed=0) -> np.ndarray:
     return (smooth_volume((count, 24, 22), seed) * 2 - 400).astype(np.int16)
 
 
-@case(DICOM, "a folder holding two series",
-      Works(GRID + " of the series with the most files",
-            "note: The folder holds 2 image series; read the one with the most files (12, 'axial', UID …)."))
+@case(DICOM, "a folder holding two series (neither of the model's modality)",
+      Works(GRID + " of the larger series, named on stderr",
+            "note: The folder two_series holds 2 image series, none of them MR as the model expects; read the largest: "
+            "'axial' (UID …, 12 slices)."))
 def _dicom_several_series(ctx):
+    return Attempt(predict(ctx, "-i", two_series(ctx)), ctx.out / "seg.nii.gz")
+
+
+def two_series(ctx) -> Path:
     folder = ctx.tmp / "two_series"
     write_dicom_series(folder, ct_slices(12), series_number=1, description="axial")
     write_dicom_series(folder, ct_slices(5, seed=1), series_number=2, description="scout")
-    return Attempt(predict(ctx, "-i", folder), ctx.out / "seg.nii.gz")
+    return folder
+
+
+@case(DICOM, "a folder holding a larger CT series and an MR series, for an MR model",
+      Works(GRID + " of the MR series, named on stderr",
+            "note: The folder ct_and_mr holds 2 image series; read the only MR series (the model expects MR): "
+            "'t1' (UID …, 6 slices)."))
+def _dicom_series_of_the_model_modality(ctx):
+    folder = ctx.tmp / "ct_and_mr"
+    write_dicom_series(folder, ct_slices(12), series_number=1, description="ct")
+    write_dicom_series(folder, ct_slices(6, seed=1), series_number=2, description="t1", modality="MR")
+    return Attempt(predict(ctx, "-i", folder), ctx.out / "seg.nii.gz",
+                   lambda: _assert_slices(ctx.out / "seg.nii.gz", 6))
+
+
+def _assert_slices(output: Path, count: int):
+    assert sitk.ReadImage(str(output)).GetSize()[2] == count
+
+
+@case(DICOM, "--series naming the smaller of two series",
+      Works(GRID + " of that series",
+            "note: Read the series asked for, 'scout' (UID …, 5 slices), of 2 image series in two_series."))
+def _dicom_series_chosen(ctx):
+    folder = two_series(ctx)
+    uid = str(read_header(folder / "s2_000.dcm").SeriesInstanceUID)
+    return Attempt(predict(ctx, "-i", folder, "--series", uid), ctx.out / "seg.nii.gz",
+                   lambda: _assert_slices(ctx.out / "seg.nii.gz", 5))
+
+
+@case(DICOM, "--series naming a series the folder does not hold",
+      Refused("error: The folder two_series holds no image series with UID 1.2.3.4; it holds 'axial' (UID …, 12 "
+              "slices); 'scout' (UID …, 5 slices)."))
+def _dicom_series_missing(ctx):
+    return Attempt(predict(ctx, "-i", two_series(ctx), "--series", "1.2.3.4"))
+
+
+def read_header(path: Path):
+    import pydicom
+    return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 @case(DICOM, "a single DICOM file instead of its folder",
@@ -384,8 +429,10 @@ def _dicom_single_file(ctx):
 
 
 @case(DICOM, "a series with a missing slice",
-      Works(GRID + ", with a warning",
-            "note: Slice spacing varies from 2 to 4 mm (missing slices?); the volume assumes … mm."))
+      Works("a label map on the regular grid the slices were acquired on (13 slices, the missing one filled in "
+            "between its neighbours, as Slicer's geometry regularization does)",
+            "note: Slice spacing varies from 2 to 4 mm (missing slices?) in the DICOM series in gap; resampled onto 13 "
+            "slices 2 mm apart, perpendicular to the slices, as Slicer's acquisition geometry regularization does."))
 def _dicom_missing_slice(ctx):
     positions = [2.0 * k for k in range(13) if k != 6]
     return Attempt(predict(ctx, "-i", write_dicom_series(ctx.tmp / "gap", ct_slices(12), positions)),
@@ -393,12 +440,39 @@ def _dicom_missing_slice(ctx):
 
 
 @case(DICOM, "a series with uneven slice spacing",
-      Works(GRID + ", with a warning",
-            "note: Slice spacing varies from 1 to 3 mm (missing slices?); the volume assumes … mm."))
+      Works("a label map on a regular grid through the acquired slices (the most common spacing)",
+            "note: Slice spacing varies from 1 to 3 mm (missing slices?) in the DICOM series in uneven; resampled onto "
+            "11 slices 1.9 mm apart, perpendicular to the slices, as Slicer's acquisition geometry regularization "
+            "does."))
 def _dicom_uneven_spacing(ctx):
     positions = np.cumsum([0, 1, 1, 3, 1, 2, 2, 1, 3, 2, 1, 2])
     return Attempt(predict(ctx, "-i", write_dicom_series(ctx.tmp / "uneven", ct_slices(12), positions)),
                    ctx.out / "seg.nii.gz")
+
+
+@case(DICOM, "a CT acquired with a tilted gantry (slices shifted along their plane)",
+      Works("a label map on a grid perpendicular to the slices, each slice where it was acquired",
+            "note: The slices are tilted by 20 degrees (gantry tilt) in the DICOM series in tilt; resampled onto 12 "
+            "slices 1.879 mm apart, perpendicular to the slices, as Slicer's acquisition geometry regularization "
+            "does."))
+def _dicom_gantry_tilt(ctx):
+    angle = np.radians(20)
+    folder = write_dicom_series(ctx.tmp / "tilt", ct_slices(12), [(0, 0, 2.0 * k) for k in range(12)],
+                                orientation=(1, 0, 0, 0, np.cos(angle), -np.sin(angle)))
+    return Attempt(predict(ctx, "-i", folder), ctx.out / "seg.nii.gz")
+
+
+@case(DICOM, "one series mixing axial and sagittal slices",
+      Works(GRID + " of the axial slices (the larger part), named on stderr",
+            "note: The folder mixed_orientations holds 2 image series, none of them MR as the model expects; read the "
+            "largest: 'axial' (UID …, 12 slices; its axial slices, 1 of 2 orientations)."))
+def _dicom_mixed_orientations(ctx):
+    axial, sagittal = (1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1)
+    positions = [(0, 0, 2.0 * k) for k in range(12)] + [(2.0 * k, 0, 0) for k in range(4)]
+    folder = write_dicom_series(ctx.tmp / "mixed_orientations", ct_slices(16), positions,
+                                orientation=[axial] * 12 + [sagittal] * 4)
+    return Attempt(predict(ctx, "-i", folder), ctx.out / "seg.nii.gz",
+                   lambda: _assert_slices(ctx.out / "seg.nii.gz", 12))
 
 
 @case(DICOM, "an empty folder",
@@ -746,13 +820,161 @@ def _cascade_previous_stage_other_grid(ctx):
 
 # =============================================================================================== outputs
 
+ZIPS = "Model zips"
+TRAINED = "Dataset999_Tiny/nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+
+def zips(ctx) -> Path:
+    """The folder of the case's zips (kept apart from the versions home and the outputs)."""
+    folder = ctx.tmp / "zips"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def model_zip(ctx, name: str = "model.zip", **kwargs) -> Path:
+    """The tiny model zipped as nnUNetv2_export_model_to_zip lays it out (hostile_zips.py)."""
+    return export_layout_zip(ctx.models["one"], zips(ctx) / name, **kwargs)
+
+
+def add_zip(ctx, path: Path, check=None) -> Attempt:
+    """`models add ZIP`; a refused one leaves the versions home (where the models home is) and the zip's folder
+    as they were."""
+    return Attempt(["models", "add", path], check=check, kept=[ctx.home, path.parent])
+
+
+def nothing_named(ctx, name: str) -> Callable[[], None]:
+    def check():
+        assert not list(ctx.tmp.parent.rglob(name)), f"{name} was written"
+    return check
+
+
+@case(ZIPS, "a model zip laid out as nnUNetv2_export_model_to_zip lays it out",
+      Works("the model unpacked into the models folder, listed by `models list` and used by its name with -m"))
+def _zip_in_export_layout(ctx):
+    def check():
+        code, out, err = ctx.run(["models", "list"])
+        assert code == 0 and re.search(r"^Dataset999_Tiny +added +PlainConvUNet +MRI +anterior, posterior", out,
+                                       re.MULTILINE), out
+        code, out, err = ctx.run(predict(ctx, "-i", ctx.image, model="Dataset999_Tiny", output="by_name.nii.gz"))
+        assert code == 0, err
+    return Attempt(["models", "add", model_zip(ctx)], ctx.home / "models" / TRAINED / "plans.json", check)
+
+
+@case(ZIPS, "a zip member with an absolute path (/tmp/...)",
+      Refused("error: Refusing model.zip: the member '/tmp/segmentmbtfe-evil.txt' has an absolute path, which would "
+              "be written outside the models folder."))
+def _zip_absolute_member(ctx):
+    evil = Path("/tmp/segmentmbtfe-evil.txt")
+    evil.unlink(missing_ok=True)
+
+    def check():
+        assert not evil.exists(), f"{evil} was written"
+    return add_zip(ctx, model_zip(ctx, extra=plain_member(str(evil))), check)
+
+
+@case(ZIPS, "a zip member climbing out of its folder (../)",
+      Refused("error: Refusing model.zip: the member 'Dataset999_Tiny/../../../../evil.txt' climbs out of its folder "
+              "(..), which would be written outside the models folder."))
+def _zip_dotdot_member(ctx):
+    return add_zip(ctx, model_zip(ctx, extra=plain_member("Dataset999_Tiny/../../../../evil.txt")),
+                   nothing_named(ctx, "evil.txt"))
+
+
+@case(ZIPS, "a zip member that is a symbolic link (to /etc/passwd)",
+      Refused(f"error: Refusing model.zip: the member '{TRAINED}/fold_0/notes.txt' is a symbolic link; a model zip "
+              "holds only files and folders."))
+def _zip_symlink_member(ctx):
+    return add_zip(ctx, model_zip(ctx, extra=special_member(f"{TRAINED}/fold_0/notes.txt", SYMLINK, "/etc/passwd")))
+
+
+@case(ZIPS, "a zip member that is a named pipe",
+      Refused(f"error: Refusing model.zip: the member '{TRAINED}/fold_0/pipe' is a named pipe; a model zip holds "
+              "only files and folders."))
+def _zip_fifo_member(ctx):
+    return add_zip(ctx, model_zip(ctx, extra=special_member(f"{TRAINED}/fold_0/pipe", FIFO)))
+
+
+@case(ZIPS, "a zip bomb: 33 MB that unpack to 33 GB of zeros",
+      Refused("error: Refusing bomb.zip: it would unpack to 33.3 GB, more than the 32.0 GB a model zip may hold."))
+def _zip_bomb(ctx):
+    return add_zip(ctx, zip_bomb(zips(ctx) / "bomb.zip", 31))
+
+
+@case(ZIPS, "a zip of 20,001 members",
+      Refused("error: Refusing many.zip: it holds 20,001 members, more than the 20,000 a model zip may hold."))
+def _zip_too_many_members(ctx):
+    return add_zip(ctx, many_members_zip(zips(ctx) / "many.zip", 20_001))
+
+
+@case(ZIPS, "a zip that holds no model (photos and notes)",
+      Refused("error: photos.zip holds no nnU-Net model: no folder in it has plans.json, dataset.json and "
+              "fold_N/checkpoint_final.pth."))
+def _zip_not_a_model(ctx):
+    return add_zip(ctx, documents_zip(zips(ctx) / "photos.zip"))
+
+
+@case(ZIPS, "a model zip cut short (a download interrupted)",
+      Refused("error: model.zip cannot be read as a zip archive (File is not a zip file); it may be incomplete or "
+              "damaged (a download cut short?)."))
+def _zip_truncated(ctx):
+    path = model_zip(ctx)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return add_zip(ctx, path)
+
+
+@case(ZIPS, "a model zip whose checkpoint's bytes were damaged (its CRC no longer fits)",
+      Refused(f"error: model.zip is damaged: its member '{TRAINED}/fold_0/checkpoint_final.pth' could not be "
+              "unpacked (Bad CRC-32 for file …)."))
+def _zip_damaged_member(ctx):
+    path = damage_member(model_zip(ctx, stored=True), f"{TRAINED}/fold_0/checkpoint_final.pth")
+    return add_zip(ctx, path)
+
+
+@case(ZIPS, "an nnU-Net v1 model zip (plans.pkl, model_final_checkpoint.model)",
+      Refused("error: v1_model.zip is an nnU-Net v1 model zip (plans.pkl, model_final_checkpoint.model); only "
+              "nnU-Net v2 models can be added."))
+def _zip_nnunet_v1(ctx):
+    return add_zip(ctx, nnunet_v1_zip(zips(ctx) / "v1_model.zip"))
+
+
+@case(ZIPS, "the same model zip added twice",
+      Refused("error: A model named Dataset999_Tiny is already listed; give another name (--name), or remove it "
+              "first (segment-mbtfe models remove Dataset999_Tiny)."))
+def _zip_added_twice(ctx):
+    path = model_zip(ctx)
+    code, out, err = ctx.run(["models", "add", path])
+    assert code == 0, err
+    return add_zip(ctx, path)
+
+
 OUTPUTS = "Outputs"
 
 
 @case(OUTPUTS, "an output type that cannot be written (.png)",
-      Refused("error: Cannot write seg.png: give a .nii.gz, .nii, .nrrd, .mha or .seg.nrrd file name."))
+      Refused("error: Cannot write seg.png: give a .nii.gz, .nii, .nrrd, .mha, .seg.nrrd or .dcm (DICOM SEG) file name."))
 def _unsupported_output(ctx):
     return Attempt(predict(ctx, "-i", ctx.image, output="seg.png"))
+
+
+@case(OUTPUTS, "a DICOM SEG (.dcm) of a NIfTI image",
+      Refused("error: Cannot write seg.dcm: a DICOM SEG references the DICOM series it was made from, and this input "
+              "is not a DICOM series; give the series folder as input, or write .seg.nrrd or .nii.gz."))
+def _dicom_seg_of_nifti(ctx):
+    return Attempt(predict(ctx, "-i", ctx.image, output="seg.dcm"))
+
+
+@case(OUTPUTS, "a DICOM SEG (.dcm) of a DICOM series",
+      Works("a DICOM Segmentation referencing the series' slices, one segment per label"))
+def _dicom_seg_of_dicom(ctx):
+    folder = write_dicom_series(ctx.tmp / "series", ct_slices(12))
+    return Attempt(predict(ctx, "-i", folder, output="seg.dcm"), ctx.out / "seg.dcm",
+                   lambda: _assert_references(ctx.out / "seg.dcm", folder))
+
+
+def _assert_references(seg_file: Path, series: Path):
+    seg, source = read_header(seg_file), read_header(series / "s1_000.dcm")
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
 
 
 @case(OUTPUTS, "an output folder that does not exist yet", Works("the folder is created and the label map written"))

@@ -599,3 +599,15 @@ def test_nnunet_accepts_factory_folder_and_agrees(tmp_path):
     ours = load_model(folder).predict([Volume(image, spacing=spacing_xyz)], tta=False)
     np.testing.assert_array_equal(ours.labels.array, expected)
     assert len(np.unique(expected)) > 1
+
+
+def test_numpy_2_checkpoints_load_under_numpy_1_26(monkeypatch):
+    """numpy 1.26 (the numpy of Slicer 5.6 to 5.8) has a `numpy._core` module without `multiarray`, while the
+    shipped models were saved under numpy 2 (their pickles name numpy._core.multiarray.scalar): loading must
+    find the scalar type under numpy 1's name then. Checked for real in a numpy 1.26 environment; here the
+    module layout is reproduced."""
+    import types
+    from SegmentMBTFELib.shipped import default_model
+    monkeypatch.setattr(np, "_core", types.ModuleType("numpy._core"), raising=False)
+    checkpoint = load_checkpoint(default_model() / "fold_0" / "checkpoint_final.pth")
+    assert checkpoint["network_weights"]

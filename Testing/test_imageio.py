@@ -150,13 +150,20 @@ def test_folder_mixing_two_copies_of_a_series_is_refused(tmp_path):
 
 
 @needs_data
-def test_series_with_a_missing_slice_reads_with_a_warning(tmp_path):
-    files = sorted((DATA / "hippocampus" / "dicom" / "13_HCropVolume").iterdir(), key=lambda p: int(p.stem))
+def test_series_with_a_missing_slice_is_regularized_as_slicer_does(tmp_path):
+    """Slicer's acquisition geometry regularization, hardened: the slices stay where they were acquired and
+    the missing one is filled in between its neighbours, on the full series' own grid."""
+    full_path = DATA / "hippocampus" / "dicom" / "13_HCropVolume"
+    files = sorted(full_path.iterdir(), key=lambda p: int(p.stem))
     for file in files[:10] + files[11:]:
         shutil.copy(file, tmp_path / file.name)
-    volume = read_volume(tmp_path)
-    assert volume.shape[0] == 31
-    assert "Slice spacing varies" in volume.metadata["warning"]
+    volume, full = read_volume(tmp_path), read_volume(full_path)
+    assert volume.same_geometry(full) and volume.shape[0] == 32
+    kept = [k for k in range(32) if k != 10]
+    np.testing.assert_array_equal(volume.array[kept], full.array[kept])
+    np.testing.assert_allclose(volume.array[10], (full.array[9].astype(np.float32) + full.array[11]) / 2)
+    assert "Slice spacing varies from 1 to 2 mm" in volume.metadata["warning"]
+    assert "resampled onto 32 slices 1 mm apart" in volume.metadata["warning"]
 
 
 @needs_data

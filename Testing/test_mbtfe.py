@@ -279,6 +279,38 @@ def test_command_line(capsys):
     assert main([]) == 2  # no command: the help
 
 
+# nnU-Net's lookup of a trainer by name (find_objects.recursive_find_trainer_class_by_name), with its own trainer
+# folder swapped for an empty one, so only the nnUNet_extTrainer folders can provide the trainer, whether or not a
+# concurrent test registered the shim in nnU-Net's package.
+EXT_TRAINER_LOOKUP = r"""
+import json, sys
+import nnunetv2
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # imported before the swap
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from SegmentMBTFELib.nnunet_trainer import trainer as ours
+nnunetv2.__path__ = [sys.argv[1]]
+found = recursive_find_trainer_class_by_name("nnUNetTrainerMBTFE")
+print(json.dumps({"ours": found is ours.nnUNetTrainerMBTFE}))
+"""
+
+
+def test_register_ext_trainer_prints_the_line_nnunet_reads(nnunet_installed, tmp_path, capsys):
+    import shlex
+    from SegmentMBTFELib import cli
+    trainer_files = sorted(p.name for p in registration.trainer_folder().iterdir())
+    assert cli.main(["nnunet-trainer", "register", "--ext-trainer"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == f"export nnUNet_extTrainer={shlex.quote(str(registration.external_trainer_folder()))}"
+    assert sorted(p.name for p in registration.trainer_folder().iterdir()) == trainer_files  # nothing written
+    name, value = shlex.split(line)[1].split("=", 1)
+    (tmp_path / "training" / "nnUNetTrainer").mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-c", EXT_TRAINER_LOOKUP, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=dict(os.environ, **nnunet_environment(tmp_path), **{name: value}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Using trainer 'nnUNetTrainerMBTFE' from: {value}" in done.stdout
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"ours": True}
+
+
 TRAINER_CHECKS = r"""
 import json, sys, torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name

@@ -3,7 +3,9 @@
 Both tools segment the same image with the same nnU-Net-made model folder, folds, TTA setting and device
 (CPU), as fresh processes (what a user waits for: start-up, reading, prediction, export, writing),
 alternating ours and nnU-Net's, `--repeats` times each. Prints median times, the ratio ours / nnU-Net,
-nnU-Net's in-process prediction time, and the label agreement of the two outputs.
+nnU-Net's in-process prediction time, the label agreement of the two outputs, and how close each case's network
+runs to this CPU's peak (benchmarks/flops.py: FLOPs per tile, seconds per tile, fraction of a large float32
+matrix product's GFLOP/s).
 
     .venv/bin/python benchmarks/bench_predict.py                # all cases, 3 repeats
     .venv/bin/python benchmarks/bench_predict.py --cases hippo_tta --repeats 5
@@ -19,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Testing"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 import nnunet_reference as ref  # noqa: E402
 
 DATA = ref.DEFAULT_DATA_DIR
@@ -40,6 +43,11 @@ def main():
     work = Path(args.work)
     rows = [run_case(name, work, args.repeats) for name in args.cases.split(",")]
     print_table(rows)
+    import flops
+    peak = flops.peak_gflops()
+    print(f"\nthe networks against this CPU's peak ({peak:.0f} GFLOP/s, float32 matrix product):")
+    for kind in dict.fromkeys(CASES[name][0] for name in args.cases.split(",")):
+        print(flops.line(flops.report(ref.make_model_folder(work / "models", kind=kind), peak)))
 
 
 def image_for(source: str, work: Path) -> Path:

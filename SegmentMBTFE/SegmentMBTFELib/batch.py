@@ -205,7 +205,7 @@ def _run_case(model, version, case: Case, output: Path, settings: BatchSettings,
     if not settings.overwrite and _finished(output, model, result):
         return result
     try:
-        volumes = read_channels(case.inputs)
+        volumes = read_channels(case.inputs, model.channel_names)  # the model's modality picks DICOM series
         check_output(output, case.inputs, volumes[0])
         prediction = predict(model, version, volumes, settings.device, settings.step_size, settings.tta,
                              settings.probabilities, settings.postprocess, progress=progress)

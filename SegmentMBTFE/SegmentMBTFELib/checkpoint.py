@@ -18,7 +18,8 @@ from .errors import ModelError
 
 def _numpy_globals():
     """The numpy objects nnU-Net checkpoints pickle: scalars (under numpy 2 and numpy 1 names) and dtypes."""
-    core = getattr(np, "_core", None) or np.core
+    # numpy 2 moved numpy.core to numpy._core; numpy 1.26 (Slicer 5.6 to 5.8) has a numpy._core without multiarray
+    core = np._core if hasattr(getattr(np, "_core", None), "multiarray") else np.core
     scalar = core.multiarray.scalar
     allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes through these classes

@@ -1,15 +1,17 @@
 """`segment-mbtfe`: segment images, fine-tune models on corrected cases, and manage models from a terminal.
 
-    segment-mbtfe predict [-m MODEL] [--version ID] -i IMAGE [IMAGE ...] -o OUTPUT.nii.gz|.nrrd|.seg.nrrd|.mha
+    segment-mbtfe predict [-m MODEL] [--version ID] -i IMAGE [IMAGE ...] [--series UID ...]
+                          -o OUTPUT.nii.gz|.nrrd|.seg.nrrd|.mha|.dcm
     segment-mbtfe predict [-m MODEL] -i CASES_DIR -o OUTPUT_DIR [--overwrite] [--parts N --part I]
     segment-mbtfe finetune [-m MODEL] -i CASE_IMAGE... -l CASE_LABELS... [-o NEW_VERSION_DIR] [--iterations N]
+    segment-mbtfe models list;  models add PATH|ZIP [--name NAME] [--link];  models remove NAME
     segment-mbtfe models info|versions [MODEL]
     segment-mbtfe models use|delete [-m MODEL] VERSION;  models rollback [-m MODEL]
-    segment-mbtfe nnunet-trainer register     (lets nnUNetv2_train use -tr nnUNetTrainerMBTFE)
+    segment-mbtfe nnunet-trainer register [--ext-trainer]   (lets nnUNetv2_train use -tr nnUNetTrainerMBTFE)
 
-Without -m the default shipped model is used. A model's current version (see `models versions`) is what
-`predict` and `finetune` load unless --version names another; fine-tuning writes a new version and never
-changes the model it started from.
+-m takes a model folder or a name `models list` shows; without -m the default shipped model is used. A
+model's current version (see `models versions`) is what `predict` and `finetune` load unless --version names
+another; fine-tuning writes a new version and never changes the model it started from.
 
 User mistakes end with one line on stderr and a non-zero exit, never a traceback (unless --debug), and
 never a partial output: outputs (files, version folders) are written only after the work succeeded,
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR, format="%(message)s")
     try:
-        with _sigterm_stops(args.run in (_predict, _finetune)):
+        with _sigterm_stops(args.run in (_predict, _finetune, _models_add)):
             return args.run(args) or 0
     except (Cancelled, KeyboardInterrupt) as stop:
         text = str(stop) or "Cancelled; nothing was written."
@@ -101,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="one image per model channel: NIfTI, NRRD, MHA file or DICOM series folder; "
                               "or, with -o a folder, a folder of cases (or several case files)")
     predict.add_argument("-o", "--output", required=True,
-                         help="label map to write: .nii.gz, .nii, .nrrd, .mha, or .seg.nrrd for Slicer segments; "
-                              "or a folder: one output per case, with manifest.csv and manifest.json")
+                         help="label map to write: .nii.gz, .nii, .nrrd, .mha, .seg.nrrd for Slicer segments, or .dcm "
+                              "for a DICOM SEG (DICOM input; needs the [dicom] extra); or a folder: one output per case, with manifest.csv and manifest.json")
     predict.add_argument("-c", "--configuration", help="2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
     predict.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: all present)")
     predict.add_argument("--checkpoint", default="final", help="final (default), best, or a .pth file name")
@@ -111,9 +113,16 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (~8x faster)")
     predict.add_argument("--probabilities", action="store_true",
                          help="also write per-class probabilities to OUTPUT's name + .npz (as nnU-Net)")
+    predict.add_argument("--uncertainty", action="store_true",
+                         help="also write OUTPUT's name + _entropy and _disagreement maps and _segments.csv "
+                              "(volume, mean probability and uncertainty per segment)")
     predict.add_argument("--no-postprocessing", action="store_true",
                          help="ignore the model folder's postprocessing.json")
     predict.add_argument("--previous-stage", help="3d_lowres prediction (for 3d_cascade_fullres)")
+    predict.add_argument("--series", nargs="+", metavar="UID",
+                         help="the DICOM series to read from a folder holding several: its Series Instance UID, "
+                              "one per -i input ('-' for an input that is not a DICOM folder); default: the largest "
+                              "series of the model's modality, else the largest")
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     batch = predict.add_argument_group("a folder of cases (-o OUTPUT_DIR)")
     batch.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"],
@@ -157,15 +166,29 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     finetune.set_defaults(run=_finetune)
 
-    models = commands.add_parser("models", help="inspect models and their versions").add_subparsers(
-        title="model commands")
+    models = commands.add_parser("models", help="list, add and remove models; inspect them and their versions"
+                                 ).add_subparsers(title="model commands")
+    listing = models.add_parser("list", help="every model by name: shipped, added and registered")
+    listing.set_defaults(run=_models_list)
+    add = models.add_parser("add", help="add a model folder or an nnU-Net model zip (nnUNetv2_export_model_to_zip)",
+                            description="Copy a trained nnU-Net v2 model folder (or the dataset folder above it), or "
+                                        "unpack a zip made by nnUNetv2_export_model_to_zip, into the models folder "
+                                        "of the user's SegmentMBTFE folder; --link registers a folder where it is.")
+    add.add_argument("path", metavar="PATH", help="model folder, dataset folder or model zip")
+    add.add_argument("--name", help="the name to use with -m (default: the dataset folder's name)")
+    add.add_argument("--link", action="store_true",
+                     help="register the folder where it is instead of copying it (remove then only forgets it)")
+    add.set_defaults(run=_models_add)
+    remove = models.add_parser("remove", help="delete an added model; forget a registered one (its folder stays)")
+    remove.add_argument("name", metavar="NAME")
+    remove.set_defaults(run=_models_remove)
     info = models.add_parser("info", help="labels, channels, configurations, folds, patch size, spacing")
-    info.add_argument("model")
+    info.add_argument("model", help="model folder or name (models list)")
     info.add_argument("-c", "--configuration")
     info.set_defaults(run=_info)
 
     versions = models.add_parser("versions", help="list a model's versions (* marks the current one)")
-    versions.add_argument("model", nargs="?", help="model folder (default: the shipped default model)")
+    versions.add_argument("model", nargs="?", help="model folder or name (default: the shipped default model)")
     _model_options(versions, positional=True)
     versions.set_defaults(run=_versions)
     use = models.add_parser("use", help="make a version current: original, v1, v2...")
@@ -194,15 +217,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_options(parser, positional=False):
     parser.add_argument("-m", "--model", dest="model_option" if positional else "model",
-                        help="model folder (default: the shipped default model)")
+                        help="model folder or name (models list; default: the shipped default model)")
     parser.add_argument("-c", "--configuration", help="configuration of a dataset folder with several")
 
 
 def _chosen_model(args) -> Path:
-    """-m (or the positional MODEL), else the default shipped model."""
+    """-m (or the positional MODEL): a folder or a name `models list` shows; else the default shipped model."""
+    from .models_home import model_path
     from .shipped import default_model
     given = getattr(args, "model_option", None) or getattr(args, "model", None)
-    return Path(given) if given else default_model()
+    return model_path(given) if given else default_model()
 
 
 def _open_model(args, folds=None, checkpoint="final"):
@@ -229,20 +253,38 @@ def _predict(args):
         return _predict_batch(args)
     output_format(output)  # refuse an unknown extension before minutes of work
     started = time.perf_counter()
-    volumes = read_channels(args.input)
+    series = _series_per_input(args)
+    model, version, note = _open_model(args, args.folds, args.checkpoint)  # its channels choose DICOM series
+    volumes = read_channels(args.input, model.channel_names, series)
     check_output(output, args.input + ([args.previous_stage] if args.previous_stage else []), volumes[0])
     previous = read_volume(args.previous_stage) if args.previous_stage else None
-    model, version, note = _open_model(args, args.folds, args.checkpoint)
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
     prediction = predict(model, version, volumes, args.device, args.step, not args.no_tta, args.probabilities,
-                         not args.no_postprocessing, previous, progress=bar)
+                         not args.no_postprocessing, previous, progress=bar, uncertainty=args.uncertainty)
     bar.close()
+    written = write_prediction(prediction, output)  # notes after it: a DICOM SEG adds its own
+    if args.uncertainty:
+        from .uncertainty import write_uncertainty
+        try:
+            written += write_uncertainty(prediction, output)
+        except BaseException:
+            for done in written:  # all the outputs or none
+                done.unlink(missing_ok=True)
+            raise
     for message in prediction.messages:
         print(f"note: {message}", file=sys.stderr)
-    written = write_prediction(prediction, output)
     names = ", ".join(name for _, name in prediction.segments)
     print(f"Wrote {', '.join(str(p) for p in written)} ({names}) in {time.perf_counter() - started:.1f} s "
           f"on {prediction.settings['device']}.")
+
+
+def _series_per_input(args) -> list:
+    """--series as one UID (or None) per -i input."""
+    given = args.series or []
+    if given and len(given) != len(args.input):
+        raise InputError(f"Give one --series UID per -i input, in the same order ('-' for an input that is not a "
+                         f"DICOM folder): {len(args.input)} input(s) but {len(given)} UID(s).")
+    return [None if uid == "-" else uid for uid in given]
 
 
 def _is_folder_output(output: Path) -> bool:
@@ -257,6 +299,8 @@ def _predict_batch(args):
     started, output_dir = time.perf_counter(), Path(args.output)
     if args.previous_stage:
         raise InputError("--previous-stage takes one case's file; a folder of cases cannot use it.")
+    if args.series:
+        raise InputError("--series picks a series of one case's DICOM folder; a folder of cases cannot use it.")
     for given in args.input:
         if not Path(given).exists():
             raise InputError(f"Input not found: {given}.")
@@ -307,7 +351,7 @@ def _case_line(result, bar):
 
 def _info(args):
     from .modelfolder import ModelFolder
-    folder = ModelFolder(args.model, args.configuration)
+    folder = ModelFolder(_chosen_model(args), args.configuration)
     c = folder.configuration
     rows = [
         ("Model", folder.name),
@@ -387,6 +431,34 @@ def _read_cases(image_specs, label_paths):
         labels = read_volume(label_path)
         cases.append(Case(Path(channels[0]).name, images, labels))
     return cases
+
+
+def _models_list(args):
+    from .models_home import installed
+    from .models_table import models_table
+    print(models_table(installed()))
+
+
+def _models_add(args):
+    from .models_home import add, listed_at, models_home
+    from .models_table import configurations_text
+    already = listed_at(args.path) if Path(args.path).is_dir() else None
+    if already is not None:
+        print(f"{args.path} is already listed, as {already.name} ({already.source}).")
+        return
+    model = add(args.path, args.name, link=args.link)
+    how = "registered where it is" if args.link else f"copied into {models_home()}" if Path(args.path).is_dir() \
+        else f"unpacked into {models_home()}"
+    print(f"Added {model.name} ({how}): {configurations_text(model)}. Use it with -m {model.name}.")
+
+
+def _models_remove(args):
+    from .models_home import REGISTERED, remove
+    model = remove(args.name)
+    if model.source == REGISTERED:
+        print(f"Forgot {model.name}; its folder {model.path} was left as it is.")
+    else:
+        print(f"Removed {model.name} and deleted its folder {model.path}.")
 
 
 def _versions(args):

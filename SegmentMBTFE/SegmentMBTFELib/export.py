@@ -47,6 +47,16 @@ def export(logits: torch.Tensor, pre: Preprocessed, labels: Labels, transpose_ba
     return full, probabilities
 
 
+def export_map(values: np.ndarray, pre: Preprocessed, transpose_backward, resampling: dict,
+               outside: float) -> np.ndarray:
+    """One float map at the model's spacing (an uncertainty map) in the input's grid, like one class of
+    logits; `outside` fills what the crop to non-zero left out."""
+    resampled = resample(values[None], pre.shape_after_cropping, pre.model_spacing, pre.spacing, **resampling)[0]
+    full = np.full(pre.shape_before_cropping, outside, dtype=np.float32)
+    full[tuple(slice(lo, hi) for lo, hi in pre.bbox)] = resampled
+    return full.transpose(transpose_backward)
+
+
 def _resampled(logits: np.ndarray, index: int, pre: Preprocessed, resampling: dict) -> np.ndarray:
     """One class's logits in the cropped input grid (fp16, as the all-at-once resampling keeps them)."""
     return resample(logits[index:index + 1], pre.shape_after_cropping, pre.model_spacing, pre.spacing,

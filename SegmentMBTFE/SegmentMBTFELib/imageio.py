@@ -7,9 +7,8 @@ no reorientation). This module adds what SimpleITK leaves to the caller:
 - user-worded errors: every problem with the user's input is one `InputError` sentence, never a traceback;
 - a completeness check for NIfTI, because ITK's NIfTI reader silently zero-fills a truncated file
   (NRRD and MetaImage readers do fail on one);
-- DICOM folders: the series with the most files is read (segmentation objects such as DICOM SEG are
-  skipped), series are told apart by their details too so that messy series with empty UIDs still read,
-  and slices stacked at one position (two series mixed together) are refused;
+- DICOM folders, through dicom_series.py: the series to read (a UID, else the model's modality, else the
+  largest) and its slices on a regular grid (dicom_geometry.py);
 - 2D images become one-slice volumes flagged `metadata["dimension"] == "2"` so the engine can refuse
   them for 3D models; colour/vector and 4D images are refused;
 - atomic writes: the image goes to a temporary file beside the target and is renamed over it, so a
@@ -37,8 +36,6 @@ WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 _FORMAT_NAMES = {".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD",
                  ".mha": "MetaImage", ".mhd": "MetaImage"}
-# DICOM objects that hold no image to segment (segmentations, structure sets, reports, ...).
-_NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"}
 _SUPPORTED_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
 
 
@@ -52,28 +49,40 @@ def image_extension(path) -> Optional[str]:
 
 def is_dicom_folder(path) -> bool:
     """True when `path` is a folder holding at least one DICOM series (files directly inside it)."""
+    from .dicom_series import series_ids
     path = Path(path)
-    return path.is_dir() and bool(_dicom_series_ids(path))
+    return path.is_dir() and bool(series_ids(path))
 
 
-def read_volume(path) -> Volume:
-    """Read an image file or a DICOM series folder; raises InputError with one sentence when it cannot."""
+def read_volume(path, series: Optional[str] = None, modality: str = "") -> Volume:
+    """Read an image file or a DICOM series folder; raises InputError with one sentence when it cannot.
+
+    For a DICOM folder holding several series: `series` (a Series Instance UID) picks one, else the largest
+    of `modality` ('CT', 'MR': what the model's channel expects), else the largest; see dicom_series.py."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"Image not found: {path}.")
     if not os.access(path, os.R_OK):
         raise InputError(f"Image {path} cannot be read: permission denied.")
+    if series is not None and not path.is_dir():
+        raise InputError(f"A DICOM series UID was given for {path.name}, which is a file, not a DICOM folder.")
     with quiet_itk():
         if path.is_dir():
-            return _read_dicom_folder(path)
+            from .dicom_series import read_dicom_folder
+            return read_dicom_folder(path, series, modality)
         return _read_image_file(path)
 
 
-def read_channels(paths: Sequence) -> List[Volume]:
-    """Read one Volume per input channel; all channels must share one voxel grid."""
+def read_channels(paths: Sequence, channel_names: Sequence[str] = (),
+                  series: Sequence[Optional[str]] = ()) -> List[Volume]:
+    """Read one Volume per input channel; all channels must share one voxel grid. `channel_names` (the
+    model's) and `series` (a UID or None per path) choose among the series of a DICOM folder."""
+    from .modality import channel_modality
     if not paths:
         raise InputError("No input image was given.")
-    volumes = [read_volume(p) for p in paths]
+    names = list(channel_names) + [""] * (len(paths) - len(channel_names))
+    uids = list(series) + [None] * (len(paths) - len(series))
+    volumes = [read_volume(p, uid, channel_modality(name)) for p, uid, name in zip(paths, uids, names)]
     for path, volume in zip(paths[1:], volumes[1:]):
         difference = geometry_difference(volumes[0], volume)
         if difference:
@@ -104,7 +113,7 @@ def _read_image_file(path: Path) -> Volume:
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise InputError(_unreadable_message(path, extension)) from error
-    _check_pixels_are_scalar(reader.GetNumberOfComponents(), path.name)
+    check_pixels_are_scalar(reader.GetNumberOfComponents(), path.name)
     _check_geometry(reader.GetSpacing(), reader.GetDirection(), path.name)
     check_fits_in_memory(reader, path.name)
     header = _checked_nifti_header(path, reader) if extension in (".nii", ".nii.gz") else None
@@ -113,7 +122,7 @@ def _read_image_file(path: Path) -> Volume:
     except RuntimeError as error:
         raise InputError(_unreadable_message(path, extension)) from error
     metadata = {"source": str(path), "format": _FORMAT_NAMES[extension], FILE_DIMENSION: str(image.GetDimension())}
-    image = _as_3d(image, path.name)
+    image = image_as_3d(image, path.name)
     note = nifti.orientation_disagreement(header, _corners_ras(image)) if header else ""
     if note:
         metadata["note"] = f"{path.name}: {note}."
@@ -142,7 +151,7 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def _check_pixels_are_scalar(components: int, what: str):
+def check_pixels_are_scalar(components: int, what: str):
     if components != 1:
         raise InputError(f"{what} has {components} values per voxel (a colour or vector image); "
                          "give each channel as its own single-valued image.")
@@ -244,7 +253,7 @@ def _gzip_holds_at_least(path: Path, expected: int) -> bool:
     return total >= expected
 
 
-def _as_3d(image: sitk.Image, what: str) -> sitk.Image:
+def image_as_3d(image: sitk.Image, what: str) -> sitk.Image:
     """A 3D image; 2D becomes one slice, 4D with a single time point its 3D volume, anything else refused."""
     dimension = image.GetDimension()
     if dimension == 4 and image.GetSize()[3] == 1:
@@ -281,15 +290,7 @@ def _vector_text(values) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-# ------------------------------------------------------------------------------------------------- DICOM
-
-def _dicom_series_ids(folder: Path):
-    # Series details (series number, slice thickness, rows, columns, ...) split apart series whose
-    # Series Instance UIDs are empty or shared, which anonymised or messy exports produce.
-    # ITK prints a warning for a folder without DICOM; the caller words that case for the user.
-    with quiet_itk():
-        return sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder), True)
-
+# ------------------------------------------------------------------------------------------- ITK output
 
 @contextmanager
 def quiet_itk():
@@ -300,98 +301,6 @@ def quiet_itk():
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def _read_dicom_folder(folder: Path) -> Volume:
-    series = [_series_files(folder, series_id) for series_id in _dicom_series_ids(folder)]
-    images = [files for files in series if _holds_image(files[0])]
-    if not images:
-        raise InputError(_no_series_message(folder, bool(series)))
-    files = max(images, key=len)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise InputError(f"The DICOM series in {folder.name} could not be read: a file is damaged or "
-                         "uses an unsupported encoding.") from error
-    _check_pixels_are_scalar(image.GetNumberOfComponentsPerPixel(), f"The DICOM series in {folder.name}")
-    metadata = {"source": str(folder), "format": "DICOM"}
-    metadata.update(_series_metadata(reader, files, len(images)))
-    metadata.update(_slice_spacing_check(reader, image, folder))
-    return image_to_volume(_as_3d(image, f"The DICOM series in {folder.name}"), folder.name, metadata)
-
-
-def _series_files(folder: Path, series_id: str) -> List[str]:
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id, True))
-
-
-def _no_series_message(folder: Path, only_non_images: bool) -> str:
-    if only_non_images:
-        return (f"Folder {folder} holds only DICOM objects without an image (segmentations, structure "
-                "sets or reports); give the folder of the image series.")
-    if any(image_extension(p) for p in folder.iterdir() if p.is_file()):
-        return f"Folder {folder} holds no DICOM series; give the image file itself, not its folder."
-    return f"Folder {folder} holds no DICOM series (sub-folders are not searched)."
-
-
-def _file_tags(file: str, *tags: str) -> List[str]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return [""] * len(tags)
-    return [reader.GetMetaData(t).strip() if reader.HasMetaDataKey(t) else "" for t in tags]
-
-
-def _holds_image(file: str) -> bool:
-    modality, = _file_tags(file, "0008|0060")
-    return modality.upper() not in _NON_IMAGE_MODALITIES
-
-
-def _series_metadata(reader: sitk.ImageSeriesReader, files: List[str], series_count: int) -> dict:
-    def tag(key):
-        return reader.GetMetaData(0, key).strip() if reader.HasMetaDataKey(0, key) else ""
-    metadata = {"dicom_series_uid": tag("0020|000e"), "dicom_series_description": tag("0008|103e"),
-                "dicom_modality": tag("0008|0060"), "dicom_files": str(len(files)),
-                "dicom_series_count": str(series_count)}
-    if series_count > 1:
-        metadata["note"] = (f"The folder holds {series_count} image series; read the one with the most "
-                            f"files ({len(files)}, '{metadata['dicom_series_description']}', "
-                            f"UID {metadata['dicom_series_uid'] or 'empty'}).")
-    return metadata
-
-
-def _slice_spacing_check(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path) -> dict:
-    """Refuse slices stacked at one position or out of order; warn (in metadata) when gaps are uneven."""
-    positions = [_slice_position(reader, i) for i in range(len(reader.GetFileNames()))]
-    if len(positions) < 2 or any(p is None for p in positions):
-        return {}
-    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
-    along = np.array(positions) @ normal
-    # GDCM leaves files unsorted (in name order) when two share a position, so look at sorted positions.
-    if np.min(np.diff(np.sort(along))) < 1e-3:
-        raise InputError(f"The DICOM series in {folder.name} has several slices at the same position; "
-                         "the folder probably mixes series, put each series in its own folder.")
-    gaps = np.diff(along)
-    if not (np.all(gaps > 0) or np.all(gaps < 0)):
-        raise InputError(f"The slices of the DICOM series in {folder.name} could not be put in order.")
-    if np.ptp(gaps) > max(0.01 * np.median(np.abs(gaps)), 1e-3):
-        return {"warning": f"Slice spacing varies from {np.min(np.abs(gaps)):.4g} to "
-                           f"{np.max(np.abs(gaps)):.4g} mm (missing slices?); the volume assumes "
-                           f"{image.GetSpacing()[2]:.4g} mm."}
-    return {}
-
-
-def _slice_position(reader: sitk.ImageSeriesReader, index: int):
-    if not reader.HasMetaDataKey(index, "0020|0032"):
-        return None
-    try:
-        return [float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")]
-    except ValueError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------- writing

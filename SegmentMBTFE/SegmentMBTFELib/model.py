@@ -21,7 +21,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, load_weights
 from .devices import choose_device, device_plans, is_out_of_memory, release_memory
 from .errors import InputError, ModelError, OutOfMemory
-from .export import export
+from .export import export, export_map
 from .imageio import geometry_difference
 from .memory import network_bytes, prediction_bytes, refuse_unless_it_fits
 from .modelfolder import ModelFolder, checkpoint_filename
@@ -30,7 +30,8 @@ from .postprocessing import apply_postprocessing
 from .preprocessing import preprocess, resampling_kwargs
 from .resampling import compute_new_shape
 from .progress import Progress
-from .sliding_window import network_batch_size, predict_logits
+from .sliding_window import mirror_combinations, network_batch_size, predict_logits
+from .uncertainty import OUTSIDE, maps_at_model_spacing, normalized_entropy
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Prediction:
     probabilities: Optional[np.ndarray] = None    # (classes or regions, z, y, x) float32, when asked for
     settings: Dict[str, object] = field(default_factory=dict)   # what produced it (provenance)
     messages: List[str] = field(default_factory=list)           # fallbacks taken, for the user
+    uncertainty: Optional[Dict[str, Volume]] = None  # "entropy", "confidence"[, "disagreement"]: see uncertainty.py
 
 
 class Model:
@@ -152,9 +154,11 @@ class Model:
 
     # -- prediction --------------------------------------------------------------------------------------
     def predict(self, volumes: Sequence[Volume], device="auto", step_size=0.5, tta=True, probabilities=False,
-                postprocess=True, previous_stage: Optional[Volume] = None, progress=None, cancel=None) -> Prediction:
+                postprocess=True, previous_stage: Optional[Volume] = None, progress=None, cancel=None,
+                uncertainty=False) -> Prediction:
         """Segment one case given as one Volume per model channel. Raises SegmentError subclasses only
-        for user-facing problems (InputError, OutOfMemory, Cancelled)."""
+        for user-facing problems (InputError, OutOfMemory, Cancelled). uncertainty: also the maps of
+        uncertainty.py (entropy; disagreement when TTA or several folds give several passes)."""
         reporter = Progress(progress, cancel)
         volumes = self._check_inputs(volumes)
         if not 0 < step_size <= 1:
@@ -174,41 +178,56 @@ class Model:
                          previous_stage.array if previous_stage is not None else None, self.labels.foreground_labels)
         messages: List[str] = [v.metadata[k] for v in volumes for k in ("warning", "note") if v.metadata.get(k)]
         messages += self.notes
+        passes = len(self.weights) * (1 + len(mirror_combinations(self.mirror_axes if tta else None)))
+        pass_entropy = _pass_entropy(self.labels.has_regions) if uncertainty and passes > 1 else None
         try:
-            logits = self._ensemble_logits(torch.from_numpy(pre.data), device, step_size, tta,
-                                           reporter.span(0.05, 0.95), messages)
+            logits, expected = self._ensemble_logits(torch.from_numpy(pre.data), device, step_size, tta,
+                                                     reporter.span(0.05, 0.95), messages, pass_entropy)
         finally:  # give the GPU memory back: Slicer and other programs share it
             self.network.to("cpu")
             release_memory(device)
         pre.data = None  # the network's input is not needed any more: its memory goes before the export's
+        maps = maps_at_model_spacing(logits, expected, self.labels.has_regions) if uncertainty else {}
         reporter.report(0.95, "exporting")
         labelmap, probs = export(logits, pre, self.labels, self.folder.transpose_backward,
                                  resampling_kwargs(self.configuration, "probabilities"), probabilities)
         recipe = self.postprocessing if postprocess else None
         if recipe:
             labelmap = apply_postprocessing(labelmap, recipe)
+        resampling = resampling_kwargs(self.configuration, "probabilities")
+        maps = {name: export_map(values, pre, self.folder.transpose_backward, resampling, OUTSIDE[name])
+                for name, values in maps.items()}
         if volumes[0].array.ndim == 2:  # a plain 2D array in, a 2D label map out
             labelmap = labelmap[0]
             probs = probs[:, 0] if probs is not None else None
+            maps = {name: values[0] for name, values in maps.items()}
         reporter.report(1.0, "done")
         return Prediction(volumes[0].with_array(labelmap, name="segmentation"), self.labels.output_segments(), probs,
-                          self._settings(device, step_size, tta, bool(recipe)), messages)
+                          self._settings(device, step_size, tta, bool(recipe)), messages,
+                          {name: volumes[0].with_array(values, name=name) for name, values in maps.items()} or None)
 
     @torch.inference_mode()
-    def _ensemble_logits(self, data, device, step_size, tta, reporter, messages):
-        """Average of the folds' logits (fp16 sum, as nnU-Net), each fold with the out-of-memory fallbacks."""
-        total = None
+    def _ensemble_logits(self, data, device, step_size, tta, reporter, messages, pass_entropy=None):
+        """Average of the folds' logits (fp16 sum, as nnU-Net), each fold with the out-of-memory fallbacks;
+        with `pass_entropy`, also the average of every pass's entropy (else None): (logits, expected)."""
+        total = expected = None
         for i, weights in enumerate(self.weights):
             fold_reporter = reporter.span(i / len(self.weights), (i + 1) / len(self.weights))
             self.network.load_state_dict(weights)
             prefix = f"fold {self.folds[i]} ({i + 1}/{len(self.weights)}): " if len(self.weights) > 1 else ""
-            logits = self._logits_with_fallback(data, device, step_size, tta, fold_reporter, prefix, messages)
+            logits = self._logits_with_fallback(data, device, step_size, tta, fold_reporter, prefix, messages,
+                                                pass_entropy)
+            if pass_entropy:
+                logits, entropy = logits
+                expected = entropy if expected is None else expected.add_(entropy)
             total = logits if total is None else total.add_(logits)
         if len(self.weights) > 1:
             total /= len(self.weights)
-        return total
+            if expected is not None:
+                expected /= len(self.weights)
+        return total, expected
 
-    def _logits_with_fallback(self, data, device, step_size, tta, reporter, prefix, messages):
+    def _logits_with_fallback(self, data, device, step_size, tta, reporter, prefix, messages, pass_entropy=None):
         plans = device_plans(device)
         for attempt, plan in enumerate(plans):
             if plan.message:
@@ -220,10 +239,12 @@ class Model:
                 features = self.configuration.architecture["arch_kwargs"].get("features_per_stage", [32])
                 batch = network_batch_size(self.configuration.patch_size, _first(features), plan.network)
                 with plan.autocast():
-                    return predict_logits(
+                    result = predict_logits(
                         network, data, self.configuration.patch_size, self.labels.num_heads, step_size=step_size,
                         mirror_axes=self.mirror_axes if tta else None, device=plan.network,
-                        results_device=plan.results, batch_size=batch, progress=_Prefixed(reporter, prefix)).cpu()
+                        results_device=plan.results, batch_size=batch, progress=_Prefixed(reporter, prefix),
+                        pass_entropy=pass_entropy)
+                    return tuple(t.cpu() for t in result) if pass_entropy else result.cpu()
             except (RuntimeError, MemoryError) as error:
                 if not is_out_of_memory(error):
                     raise
@@ -320,6 +341,11 @@ def _mirror_axes(axes, dimensions: int):
     if any(not 0 <= a < dimensions for a in axes):
         raise ModelError(f"The checkpoint allows mirroring along axes {axes}, but the patch has {dimensions}.")
     return axes
+
+
+def _pass_entropy(regions: bool):
+    """Each pass's entropy for a batch of tile logits (n, C, *patch) -> (n, *patch), float32."""
+    return lambda logits: torch.stack([normalized_entropy(tile.float(), regions) for tile in logits])
 
 
 def _first(value):

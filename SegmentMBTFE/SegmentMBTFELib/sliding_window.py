@@ -99,34 +99,44 @@ def _run(network, batch: torch.Tensor) -> torch.Tensor:
     return network(batch)
 
 
-def predict_tiles(network, patches: torch.Tensor, flips: List[tuple], batch_size: int) -> torch.Tensor:
+def predict_tiles(network, patches: torch.Tensor, flips: List[tuple], batch_size: int, pass_entropy=None):
     """Logits of each patch averaged over its mirrored copies, summed in nnU-Net's order.
 
     All copies of all patches run through the network in batches; flipping back and averaging happen
-    per patch afterwards, so the sums are those of nnU-Net's one-pass-at-a-time loop.
+    per patch afterwards, so the sums are those of nnU-Net's one-pass-at-a-time loop. With `pass_entropy`
+    (logits (n, C, *patch) -> (n, *patch)) it also returns the mean over the copies of each one's entropy.
     """
     copies = torch.cat([patches] + [torch.flip(patches, axes) for axes in flips])
     outputs = torch.cat([_run(network, copies[i:i + batch_size]) for i in range(0, copies.shape[0], batch_size)])
     n = patches.shape[0]
     prediction = outputs[:n]
+    entropy = pass_entropy(prediction) if pass_entropy else None  # before the sum below changes it
     for k, axes in enumerate(flips, start=1):
-        prediction += torch.flip(outputs[k * n:(k + 1) * n], axes)
+        copy = torch.flip(outputs[k * n:(k + 1) * n], axes)
+        if pass_entropy:
+            entropy += pass_entropy(copy)
+        prediction += copy
     if flips:
         prediction /= len(flips) + 1
-    return prediction
+        if pass_entropy:
+            entropy /= len(flips) + 1
+    return prediction if pass_entropy is None else (prediction, entropy)
 
 
 @torch.inference_mode()
 def predict_logits(network, data: torch.Tensor, patch_size, num_heads: int, *, step_size=0.5, mirror_axes=None,
                    device=torch.device("cpu"), results_device=torch.device("cpu"), batch_size: int = 2,
-                   progress: Optional[Progress] = None) -> torch.Tensor:
-    """Sliding-window logits (fp16, on `results_device`) for preprocessed `data` (C, *spatial)."""
+                   progress: Optional[Progress] = None, pass_entropy=None):
+    """Sliding-window logits (fp16, on `results_device`) for preprocessed `data` (C, *spatial). With
+    `pass_entropy` (see predict_tiles) also the Gaussian-weighted mean of each pass's entropy (float32):
+    (logits, expected entropy)."""
     progress = progress or Progress()
     padded, undo = pad_to_patch(data, patch_size)
     padded = padded.to(results_device)
     spatial = padded.shape[1:]
     logits = torch.zeros((num_heads, *spatial), dtype=torch.half, device=results_device)
     weights = torch.zeros(spatial, dtype=torch.half, device=results_device)
+    expected = torch.zeros(spatial, dtype=torch.float32, device=results_device) if pass_entropy else None
     gaussian = gaussian_weights(patch_size, results_device)
     flips = mirror_combinations(mirror_axes)
     all_tiles = tiles(spatial, patch_size, step_size)
@@ -136,7 +146,12 @@ def predict_logits(network, data: torch.Tensor, patch_size, num_heads: int, *, s
         group = all_tiles[first:first + per_step]
         progress.report(first / len(all_tiles), f"tile {first + 1} of {len(all_tiles)}")
         patches = torch.stack([padded[tile] for tile in group]).to(device, non_blocking=True)
-        predictions = predict_tiles(network, patches, flips, batch_size).to(results_device)
+        predictions = predict_tiles(network, patches, flips, batch_size, pass_entropy)
+        if pass_entropy:
+            predictions, entropies = predictions
+            for tile, entropy in zip(group, entropies.to(results_device)):
+                expected[tile[1:]] += entropy * gaussian
+        predictions = predictions.to(results_device)
         for i, (tile, prediction) in enumerate(zip(group, predictions)):
             if i:
                 progress.report((first + i) / len(all_tiles), f"tile {first + i + 1} of {len(all_tiles)}")
@@ -149,4 +164,6 @@ def predict_logits(network, data: torch.Tensor, patch_size, num_heads: int, *, s
         # per channel, and by min/max: torch.isinf on the whole fp16 tensor makes a float32 copy of it (3.5 GB
         # for 26 classes of a 512 x 512 x 300 CT at 1.5 mm) and takes seconds
         raise FloatingPointError("The summed logits overflowed fp16.")
+    if pass_entropy:
+        return logits[undo], (expected / weights)[undo[1:]]
     return logits[undo]

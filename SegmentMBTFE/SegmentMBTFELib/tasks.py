@@ -56,24 +56,28 @@ def open_model(model_path, version: str = None, configuration: str = None, folds
 
 def predict(model, version, volumes, device="auto", step_size: float = 0.5, tta: bool = True,
             probabilities: bool = False, postprocess: bool = True, previous_stage=None, progress=None,
-            cancel=None):
+            cancel=None, uncertainty: bool = False):
     """model.predict, with the version recorded in the prediction's provenance when it is not the original."""
     from .versions import ORIGINAL
     prediction = model.predict(volumes, device=device, step_size=step_size, tta=tta, probabilities=probabilities,
                                postprocess=postprocess, previous_stage=previous_stage, progress=progress,
-                               cancel=cancel)
+                               cancel=cancel, uncertainty=uncertainty)
     if version is not None and version.id != ORIGINAL:  # recorded in .seg.nrrd files and segmentation nodes
         prediction.settings["version"] = version.id
     return prediction
 
 
 def segment_files(model, version, cases: Sequence, output_dir, device="auto", step_size: float = 0.5,
-                  tta: bool = True, progress=None, cancel=None) -> List[Path]:
-    """Segment image files (one path, or a list of channel paths, per case) into output_dir/<case>.seg.nrrd;
-    returns the files written. A case that fails stops the batch; the cases written before it stay."""
+                  tta: bool = True, progress=None, cancel=None, file_format: str = "seg.nrrd",
+                  messages: list = None) -> List[Path]:
+    """Segment image files or DICOM folders (one path, or a list of channel paths, per case) into
+    output_dir/<case>.seg.nrrd, or the extension of `file_format` ('dicom-seg': <case>.dcm, 'nifti', '.nrrd'...);
+    returns the files written. `messages` collects the cases' notes (which DICOM series was read, ...).
+    A case that fails stops the batch; the cases written before it stay."""
     from .imageio import read_channels
     from .progress import Progress
-    from .writers import write_prediction
+    from .writers import check_output, output_extension, write_prediction
+    extension = output_extension(file_format)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cases = [[p] if isinstance(p, (str, Path)) else list(p) for p in cases]
@@ -83,9 +87,14 @@ def segment_files(model, version, cases: Sequence, output_dir, device="auto", st
         case = reporter.span(index / len(cases), (index + 1) / len(cases))
         name = case_name(channels[0])
         prefix = f"{name} ({index + 1}/{len(cases)}): "
-        prediction = predict(model, version, read_channels(channels), device, step_size, tta,
+        volumes = read_channels(channels, model.channel_names)
+        output = output_dir / f"{name}{extension}"
+        check_output(output, channels, volumes[0])  # a DICOM SEG of a NIfTI, ...: refused before the work
+        prediction = predict(model, version, volumes, device, step_size, tta,
                              progress=lambda fraction, text: case.report(fraction, prefix + text), cancel=cancel)
-        written += write_prediction(prediction, output_dir / f"{name}{SEG_NRRD}")
+        written += write_prediction(prediction, output)
+        if messages is not None:
+            messages += [f"{name}: {message}" for message in prediction.messages]
     return written
 
 

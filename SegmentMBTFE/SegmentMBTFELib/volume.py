@@ -10,6 +10,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 FILE_DIMENSION = "file_dimension"   # metadata: "2" when the volume was read from a 2D image file
+DICOM_SOURCE_FILES = "dicom_source_files"   # metadata: the DICOM slice files read, in slice order, one a line
 
 
 @dataclass
@@ -32,8 +33,9 @@ class Volume:
 
     def with_array(self, array: np.ndarray, name: str = None) -> "Volume":
         """The same geometry holding another array (a label map, a probability); a volume read from a 2D
-        file stays marked as one, so that its label map is written as a 2D file too."""
-        kept = {k: v for k, v in self.metadata.items() if k == FILE_DIMENSION}
+        file stays marked as one, so that its label map is written as a 2D file too, and one read from DICOM
+        keeps its slice files, so that a DICOM SEG of its label map can reference them."""
+        kept = {k: v for k, v in self.metadata.items() if k in (FILE_DIMENSION, DICOM_SOURCE_FILES)}
         return Volume(array, self.spacing, self.origin, self.direction, name if name is not None else self.name,
                       kept)
 

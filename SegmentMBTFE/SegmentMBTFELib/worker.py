@@ -13,7 +13,7 @@ with the engine found beside the module (`python -m SegmentMBTFELib worker` is t
 Requests, one JSON object per line on stdin (arrays are files in the job's folder: see exchange.py):
   {"id": 3, "command": "segment", "folder": DIR, "model": PATH, "inputs": [VOLUME, ...], "options": {...}}
   {"id": 4, "command": "segment_files", "model": PATH, "cases": [[PATH, ...], ...], "output_dir": DIR,
-   "options": {...}}
+   "format": "seg.nrrd" | "dicom-seg" | ".nii.gz" ..., "options": {...}}
   {"id": 5, "command": "finetune", "folder": DIR, "model": PATH, "cases": [CASE, ...], "settings": {...}}
   Every job request also names "home", the versions home of the module's process (SEGMENTMBTFE_HOME).
   {"command": "cancel", "id": 3}     stop that job within one tile (or training iteration)
@@ -186,11 +186,18 @@ def _segment(worker: Worker, request: dict, progress, cancel) -> dict:
     model, version = open_model(request["model"], options.get("version"), options.get("configuration"),
                                 options.get("folds"), options.get("checkpoint", "final"), cache=worker.models)
     prediction = predict(model, version, volumes, options.get("device", "auto"), options.get("step_size", 0.5),
-                         options.get("tta", True), progress=progress, cancel=cancel)
-    return {"labels": exchange.write_array(folder, "labels", prediction.labels.array),
-            "segments": [[int(value), str(name)] for value, name in prediction.segments],
-            "settings": prediction.settings, "messages": prediction.messages,
-            "model_cached": worker.models.last_was_cached}
+                         options.get("tta", True), progress=progress, cancel=cancel,
+                         uncertainty=bool(options.get("uncertainty")))
+    result = {"labels": exchange.write_array(folder, "labels", prediction.labels.array),
+              "segments": [[int(value), str(name)] for value, name in prediction.segments],
+              "settings": prediction.settings, "messages": prediction.messages,
+              "model_cached": worker.models.last_was_cached}
+    if prediction.uncertainty:
+        from .uncertainty import WRITTEN_MAPS, segment_statistics
+        result["uncertainty"] = {name: exchange.write_array(folder, name, prediction.uncertainty[name].array)
+                                 for name in WRITTEN_MAPS if name in prediction.uncertainty}
+        result["statistics"] = segment_statistics(prediction)
+    return result
 
 
 def _segment_files(worker: Worker, request: dict, progress, cancel) -> dict:
@@ -199,9 +206,11 @@ def _segment_files(worker: Worker, request: dict, progress, cancel) -> dict:
     progress(0.0, "loading the model")
     model, version = open_model(request["model"], options.get("version"), options.get("configuration"),
                                 options.get("folds"), options.get("checkpoint", "final"), cache=worker.models)
+    messages = []
     written = segment_files(model, version, request["cases"], request["output_dir"], options.get("device", "auto"),
-                            options.get("step_size", 0.5), options.get("tta", True), progress, cancel)
-    return {"written": [str(path) for path in written]}
+                            options.get("step_size", 0.5), options.get("tta", True), progress, cancel,
+                            request.get("format") or "seg.nrrd", messages)
+    return {"written": [str(path) for path in written], "messages": messages}
 
 
 def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:

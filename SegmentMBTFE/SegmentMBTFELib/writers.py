@@ -1,4 +1,5 @@
-"""Write a Prediction to disk in the format its file name asks for (label map, Slicer segments, probabilities)."""
+"""Write a Prediction to disk in the format its file name asks for (label map, Slicer segments, DICOM SEG,
+probabilities)."""
 from pathlib import Path
 from typing import List, Sequence
 
@@ -11,16 +12,32 @@ from .terminology import terminology_for
 from .volume import Volume
 
 SEG_NRRD = ".seg.nrrd"
+DICOM_SEG = ".dcm"
+# Format names the console API takes (segmentFiles(format=...)), besides the file extensions themselves.
+FORMAT_NAMES = {"seg.nrrd": SEG_NRRD, "dicom-seg": DICOM_SEG, "nifti": ".nii.gz"}
 
 
 def output_format(path) -> str:
-    """'segmentation' for .seg.nrrd, 'labelmap' for the image formats; InputError otherwise."""
+    """'segmentation' for .seg.nrrd, 'dicom-seg' for .dcm, 'labelmap' for the image formats; InputError
+    otherwise."""
     name = Path(path).name.lower()
     if name.endswith(SEG_NRRD):
         return "segmentation"
+    if name.endswith(DICOM_SEG):
+        return "dicom-seg"
     if name.endswith(WRITE_EXTENSIONS):
         return "labelmap"
-    raise InputError(f"Cannot write {Path(path).name}: give a .nii.gz, .nii, .nrrd, .mha or .seg.nrrd file name.")
+    raise InputError(f"Cannot write {Path(path).name}: give a .nii.gz, .nii, .nrrd, .mha, .seg.nrrd or .dcm "
+                     "(DICOM SEG) file name.")
+
+
+def output_extension(format_name: str) -> str:
+    """The file extension for a format: 'seg.nrrd', 'dicom-seg', 'nifti', or an extension ('.nii.gz')."""
+    extension = FORMAT_NAMES.get(str(format_name).lower(), str(format_name).lower())
+    if extension.startswith(".") and output_format(f"x{extension}"):
+        return extension
+    raise InputError(f"Unknown output format {format_name!r}: give one of {', '.join(FORMAT_NAMES)}, or an "
+                     "extension (.nii.gz, .nrrd, .mha).")
 
 
 def check_output(path, inputs: Sequence = (), volume: Volume = None) -> str:
@@ -41,6 +58,9 @@ def check_output(path, inputs: Sequence = (), volume: Volume = None) -> str:
             and not is_orthonormal(volume.direction):
         raise InputError(f"Cannot write {path.name}: NIfTI cannot store the input's sheared orientation; write "
                          ".nrrd, .mha or .seg.nrrd instead.")
+    if volume is not None and kind == "dicom-seg":
+        from .dicom_seg import check_can_write
+        check_can_write(volume, path)
     return kind
 
 
@@ -59,13 +79,20 @@ def write_prediction(prediction, path, terminology=terminology_for) -> List[Path
     None writes none.
     """
     path = Path(path)
-    if output_format(path) == "segmentation":
+    kind = output_format(path)
+    if kind == "segmentation":
         model_name = str(prediction.settings.get("model", ""))
         segments = [Segment(name=name, label_value=value,
                             terminology=terminology(name, model_name) if terminology else None)
                     for value, name in prediction.segments]
         settings = {k: str(v) for k, v in prediction.settings.items()}
         written = [write_seg_nrrd(prediction.labels, path, segments, settings)]
+    elif kind == "dicom-seg":
+        from .dicom_seg import write_dicom_seg
+        done, notes = write_dicom_seg(prediction.labels, prediction.segments,
+                                      {k: str(v) for k, v in prediction.settings.items()}, path, terminology)
+        prediction.messages.extend(notes)
+        written = [done]
     else:
         written = [write_volume(prediction.labels, path)]
     if prediction.probabilities is not None:
@@ -81,7 +108,7 @@ def write_prediction(prediction, path, terminology=terminology_for) -> List[Path
 
 def probabilities_path(path: Path) -> Path:
     name = path.name
-    for ending in (SEG_NRRD,) + tuple(WRITE_EXTENSIONS):
+    for ending in (SEG_NRRD, DICOM_SEG) + tuple(WRITE_EXTENSIONS):
         if name.lower().endswith(ending):
             name = name[: -len(ending)]
             break

@@ -14,8 +14,9 @@ The scene
   volumes         volume nodes <-> engine Volumes (RAS <-> LPS)
   segmentation    a label map into segments, replacing only this model's; provenance; transforms
   corrections     corrected segments -> the model's label map (by tags or names; the rest reported)
+  uncertainty_display  the uncertainty maps as volumes over the image, a colour legend, a table per segment
 Around them
-  catalog         the models to offer (shipped + added folders), read from JSON only
+  catalog         the models to offer (those `models list` shows), adding a folder or zip; JSON only
   dependencies    torch via the PyTorch extension, the rest via pip, never replacing Slicer's packages
   terminology     loads the engine's terminology context into Slicer
   resources       where Resources/ is; selftest: the in-Slicer self-test's steps

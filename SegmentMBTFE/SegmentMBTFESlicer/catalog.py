@@ -1,32 +1,36 @@
-"""The models the panel offers: the ones shipped with the extension plus folders the user added.
+"""The models the panel offers: the same models as `segment-mbtfe models list` (SegmentMBTFELib.models_home),
+one entry per trained configuration; and adding a model folder or zip, the way `models add` does.
 
-Only JSON is read here (dataset.json, plans.json, the fold folders), never a checkpoint, and no torch: the
-panel lists models and shows their labels, channels and modality before PyTorch is even installed.
+Only JSON is read (dataset.json, plans.json, the fold folders), never a checkpoint, and torch is never imported:
+the panel lists models and shows their labels, channels and modality before PyTorch is even installed, and
+unpacks a zip in Slicer's own process. A folder is registered where it is (as `models add --link`, so removing
+it later never deletes it); a zip is unpacked into the models home. Earlier releases kept the added folders in
+Slicer's settings: those are registered once, and the setting is cleared.
 """
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
+from SegmentMBTFELib import models_home
 from SegmentMBTFELib.errors import ModelError
+from SegmentMBTFELib.modality import modality  # the engine's mapping, also used to pick DICOM series
 from SegmentMBTFELib.shipped import default_model, shipped_models
 
-SETTINGS_FOLDERS = "SegmentMBTFE/ModelFolders"
+SETTINGS_FOLDERS = "SegmentMBTFE/ModelFolders"  # earlier releases' added folders
 SETTINGS_LAST = "SegmentMBTFE/LastModel"
-CT_WORDS = ("ct", "computed tomography")
-MR_WORDS = ("mr", "mri", "t1", "t2", "flair", "adc", "dwi", "pd", "t1ce", "t1gd", "magnetic")
 
 
 @dataclass
 class ModelInfo:
-    """What the panel shows about a model folder; `problem` says why it cannot be used ('' when it can)."""
+    """What the panel shows about a model; `problem` says why it cannot be used ('' when it can)."""
     path: str
-    name: str
+    name: str                # the engine's name, which tags the segments: "Dataset004_Hippocampus (3d_fullres)"
     channels: List[str] = field(default_factory=list)
     labels: List[str] = field(default_factory=list)
     folds: List[str] = field(default_factory=list)
     shipped: bool = False
     problem: str = ""
+    listed_as: str = ""      # its name in `segment-mbtfe models list` (what -m takes)
 
     @property
     def modality(self) -> str:
@@ -40,48 +44,54 @@ class ModelInfo:
                 f"Labels: {', '.join(self.labels)}. Folds: {', '.join(self.folds) or 'none'}.")
 
 
-def available_models(user_folders: Iterable[str] = ()) -> List[ModelInfo]:
-    """Shipped models first (sorted), then the user's folders in the order they were added; no duplicates."""
-    models, seen = [], set()
-    for folder in shipped_models():
-        _add(models, seen, describe(folder, shipped=True))
-    for folder in user_folders:
-        if Path(folder).is_dir():  # a folder deleted since it was added is dropped, not listed as broken
-            _add(models, seen, describe(folder))
-    return models
-
-
-def describe(path, shipped: bool = False) -> ModelInfo:
-    """Read a model folder's description; a folder that is not a usable model gets `problem` set."""
-    path = Path(path)
+def available_models(settings=None) -> List[ModelInfo]:
+    """Every model `models list` shows, shipped first, one entry per trained configuration. A registered folder
+    that went missing is left out here (`models list` shows it). `settings`: Slicer's, to take over the folders
+    an earlier release kept there."""
+    if settings is not None:
+        _adopt_remembered(settings)
     try:
-        trained = trained_folder(path)
-        dataset = json.loads((trained / "dataset.json").read_text())
-        channels = dataset.get("channel_names") or dataset.get("modality") or {}
-        labels = [name for name, value in (dataset.get("labels") or {}).items()
-                  if name not in ("background", "ignore") and value not in (0, [0])]
-        folds = sorted((p.name[len("fold_"):] for p in trained.glob("fold_*")
-                        if any(p.glob("checkpoint_*.pth"))), key=_fold_order)
-        info = ModelInfo(str(path), _model_name(trained), [channels[k] for k in sorted(channels, key=int)],
-                         labels, folds, shipped)
-        if not folds:
-            info.problem = f"{info.name} has no trained fold (no fold_N/checkpoint_final.pth)."
-        return info
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelError) as error:
-        return ModelInfo(str(path), path.name, shipped=shipped,
-                         problem=f"{path.name} is not a usable nnU-Net model folder ({_reason(error)}).")
+        models = models_home.installed()
+    except ModelError as error:  # the list of registered folders is unreadable: say so, offer the others
+        shipped = [models_home.describe(p, p.name, models_home.SHIPPED) for p in shipped_models()]
+        return [e for m in shipped for e in entries(m)] + [
+            ModelInfo(str(models_home.models_home()), "registered models", problem=str(error))]
+    present = [m for m in models if m.source != models_home.REGISTERED or m.path.is_dir()]
+    return [entry for model in present for entry in entries(model)]
 
 
-def trained_folder(path: Path) -> Path:
-    """The folder holding plans.json: the path itself or its one trained configuration subfolder."""
-    if (path / "plans.json").is_file():
-        return path
-    trained = sorted(p for p in path.iterdir() if (p / "plans.json").is_file()) if path.is_dir() else []
-    if len(trained) == 1:
-        return trained[0]
-    if not trained:
-        raise ValueError("no plans.json")
-    raise ValueError(f"{len(trained)} trained configurations; add one of them")
+def entries(model) -> List[ModelInfo]:
+    """A models_home.InstalledModel as the panel lists it: the model's folder when it has one trained
+    configuration, else each configuration's folder (the engine needs one configuration to segment)."""
+    shipped = model.source == models_home.SHIPPED
+    if model.problem:
+        return [ModelInfo(str(model.path), model.name, shipped=shipped, problem=model.problem, listed_as=model.name)]
+    single = len(model.configurations) == 1
+    return [ModelInfo(str(model.path if single else c.path), c.title, model.channels, model.labels, c.folds, shipped,
+                      listed_as=model.name) for c in model.configurations]
+
+
+def describe(path) -> ModelInfo:
+    """A folder as the panel would list it (its first configuration); `problem` set when it is not usable."""
+    return entries(models_home.describe(Path(path)))[0]
+
+
+def add(path) -> ModelInfo:
+    """Add a model folder (registered where it is) or a model zip (unpacked into the models home) and return its
+    entry; a folder already listed (a shipped model, one added before) is only found again. ModelError (one
+    sentence) when it is not a model, or a zip is unsafe."""
+    path = Path(path).expanduser()
+    model = models_home.listed_at(path) if path.is_dir() else None
+    if model is None:
+        model = models_home.add(path, link=path.is_dir(), unique=True)
+    return entries(model)[0]
+
+
+def forget(path) -> None:
+    """Forget a folder registered by `add` (the folder itself is left as it is)."""
+    model = models_home.listed_at(path)
+    if model is not None and model.source == models_home.REGISTERED:
+        models_home.remove(model.name)
 
 
 def default_path() -> str:
@@ -93,63 +103,25 @@ def default_path() -> str:
 
 
 def find(models: List[ModelInfo], wanted: str) -> Optional[ModelInfo]:
-    """A model by path or by name (case-insensitive, also the folder name) for the console API."""
+    """A model by path or by name (case-insensitive: the panel's name, the `models list` name or the folder name)
+    for the console API."""
     wanted_path = str(Path(wanted).expanduser().resolve()) if wanted else ""
     for info in models:
-        if wanted_path == str(Path(info.path).resolve()) or wanted.lower() in (info.name.lower(),
-                                                                                Path(info.path).name.lower()):
+        if wanted_path == str(Path(info.path).resolve()) or wanted.lower() in (
+                info.name.lower(), info.listed_as.lower(), Path(info.path).name.lower()):
             return info
     return None
 
 
-def modality(channels: List[str]) -> str:
-    """'CT', 'MR' or the channel names themselves: what kind of image each input expects."""
-    words = [c.strip().lower() for c in channels]
-    if words and all(w in CT_WORDS for w in words):
-        return "CT"
-    if words and all(any(w == m or w.startswith(m + " ") for m in MR_WORDS) for w in words):
-        return "MR"
-    return ", ".join(channels) or "unknown"
-
-
-def remembered_folders(settings) -> List[str]:
-    """The user's added model folders from QSettings (a list, or one string when only one was stored)."""
-    value = settings.value(SETTINGS_FOLDERS) if settings.contains(SETTINGS_FOLDERS) else []
-    if isinstance(value, str):
-        value = [value] if value else []
-    return [str(v) for v in (value or [])]
-
-
-def remember_folder(settings, path: str) -> None:
-    folders = remembered_folders(settings)
-    if path not in folders:
-        settings.setValue(SETTINGS_FOLDERS, folders + [path])
-
-
-def forget_folder(settings, path: str) -> None:
-    settings.setValue(SETTINGS_FOLDERS, [f for f in remembered_folders(settings) if f != path])
-
-
-def _add(models, seen, info):
-    key = str(Path(info.path).resolve())
-    if key not in seen:
-        seen.add(key)
-        models.append(info)
-
-
-def _model_name(trained: Path) -> str:
-    """The engine's name for the model, which tags the segments it makes."""
-    from SegmentMBTFELib.modelfolder import ModelFolder
-    return ModelFolder(trained).name
-
-
-def _fold_order(fold: str):
-    return (0, int(fold)) if fold.isdigit() else (1, 0)
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, FileNotFoundError):
-        return f"{Path(error.filename).name if error.filename else 'a file'} is missing"
-    if isinstance(error, json.JSONDecodeError):
-        return "dataset.json is not valid JSON"
-    return str(error) or type(error).__name__
+def _adopt_remembered(settings) -> None:
+    """Folders an earlier release kept in Slicer's settings are registered (once); the setting is then removed."""
+    if not settings.contains(SETTINGS_FOLDERS):
+        return
+    value = settings.value(SETTINGS_FOLDERS)
+    for folder in [value] if isinstance(value, str) else list(value or []):
+        try:
+            if folder and Path(str(folder)).is_dir() and models_home.listed_at(folder) is None:
+                models_home.add(str(folder), link=True, unique=True)
+        except ModelError:
+            pass  # no longer a usable model: dropped, as the panel always dropped such folders
+    settings.remove(SETTINGS_FOLDERS)

@@ -18,7 +18,7 @@ import slicer
 from SegmentMBTFELib import exchange
 from SegmentMBTFELib.errors import Cancelled
 
-from . import jobs, runner
+from . import jobs, runner, uncertainty_display
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,16 @@ def start_segmentation(volume_nodes, model_path: str, options: runner.Options, o
     scene = slicer.mrmlScene
 
     def settle(message: dict, folder: str):
+        maps = {name: exchange.read_array(folder, file) for name, file in (message.get("uncertainty") or {}).items()}
         result = runner.SegmentsResult(exchange.read_array(folder, message["labels"]),
                                        [(int(v), str(n)) for v, n in message["segments"]],
-                                       dict(message.get("settings") or {}), list(message.get("messages") or []))
-        return runner.apply_prediction(result, inputs.geometry, scene, output, show3d=options.show3d,
+                                       dict(message.get("settings") or {}), list(message.get("messages") or []),
+                                       maps, list(message.get("statistics") or []))
+        node = runner.apply_prediction(result, inputs.geometry, scene, output, show3d=options.show3d,
                                        reference_volume_id=inputs.node_ids[0])
+        if maps:
+            uncertainty_display.show(result, inputs.geometry, scene, node)
+        return node
     return jobs.Job("segmentation", request, folder, settle, on_progress, on_finished).start()
 
 
@@ -56,16 +61,24 @@ def segment(volume_nodes, model_path: str, options: runner.Options, output=None,
     return result_of(job.wait(cancel))
 
 
-def segment_files(paths, model_path: str, output_dir, options: runner.Options, progress=None, cancel=None) -> list:
-    """Image files (a path, or a list of channel paths, per case) to output_dir/<case>.seg.nrrd; the scene is
-    not touched. Returns the files written."""
+def segment_files(paths, model_path: str, output_dir, options: runner.Options, progress=None, cancel=None,
+                  file_format: str = "seg.nrrd") -> list:
+    """Image files or DICOM folders (a path, or a list of channel paths, per case) to output_dir/<case>.seg.nrrd
+    (or the extension of `file_format`: 'dicom-seg' writes <case>.dcm); the scene is not touched. Returns the
+    files written; the cases' notes (which DICOM series was read, ...) go to the log."""
     from pathlib import Path
     jobs.claim("segmentation")
     cases = [[str(p)] if isinstance(p, (str, Path)) else [str(c) for c in p] for p in paths]
-    request = {"command": "segment_files", "model": model_path, "cases": cases,
+    request = {"command": "segment_files", "model": model_path, "cases": cases, "format": file_format,
                "output_dir": str(Path(output_dir).expanduser().resolve()), "options": options.request()}
-    job = jobs.Job("segmentation", request, None, lambda message, folder: list(message["written"]), progress)
+    job = jobs.Job("segmentation", request, None, _written_files, progress)
     return result_of(job.start().wait(cancel))
+
+
+def _written_files(message: dict, folder) -> list:
+    for note in message.get("messages") or []:
+        log.info("SegmentMBTFE: %s", note)
+    return list(message["written"])
 
 
 def start_finetune(plan: runner.FinetunePlan, settings: dict, make_current: bool = True, on_progress=None,

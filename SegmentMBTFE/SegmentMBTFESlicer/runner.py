@@ -32,11 +32,12 @@ class Options:
     folds: Optional[List[str]] = None   # None: every trained fold
     checkpoint: str = "final"
     show3d: bool = True
+    uncertainty: bool = False           # also the uncertainty maps and the per-segment table
 
     def request(self) -> dict:
         """The worker's options for these settings."""
         return {"device": self.device, "tta": bool(self.tta), "step_size": float(self.step_size),
-                "folds": self.folds, "checkpoint": self.checkpoint}
+                "folds": self.folds, "checkpoint": self.checkpoint, "uncertainty": bool(self.uncertainty)}
 
 
 def fold_list(folds) -> Optional[List[str]]:
@@ -64,6 +65,8 @@ class SegmentsResult:
     segments: list
     settings: dict = field(default_factory=dict)
     messages: List[str] = field(default_factory=list)
+    uncertainty: dict = field(default_factory=dict)   # map name -> float32 array on the same grid
+    statistics: list = field(default_factory=list)    # one dict per segment (uncertainty.segment_statistics)
 
 
 def prepare_inputs(volume_nodes: Sequence) -> Inputs:
@@ -81,15 +84,16 @@ def prepare_inputs(volume_nodes: Sequence) -> Inputs:
                   [n.GetID() for n in nodes])
 
 
-def resolve_model(model, user_folders: Sequence[str] = ()) -> str:
-    """A model folder path from a path, a shipped or added model's name, or a loaded engine Model (its folder)."""
+def resolve_model(model, settings=None) -> str:
+    """A model folder path from a path, the name of a model the panel lists (or `models list` shows), or a loaded
+    engine Model (its folder). `settings`: Slicer's, for catalog.available_models."""
     from SegmentMBTFELib.errors import ModelError
     if hasattr(model, "predict"):  # a loaded Model: the worker loads the same folder
         return str(model.folder.path)
     text = str(model or "").strip()
     if text and (Path(text).expanduser().is_dir() or "/" in text or os.sep in text):
         return str(Path(text).expanduser())  # a path (existing or not: the engine says what is wrong with it)
-    models = catalog.available_models(user_folders)
+    models = catalog.available_models(settings)
     found = catalog.find(models, text) if text else None
     if found is None:
         names = ", ".join(m.name for m in models) or "none"

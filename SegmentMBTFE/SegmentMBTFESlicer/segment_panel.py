@@ -20,10 +20,13 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 
+from SegmentMBTFELib.errors import SegmentError
+
 from . import catalog, dependencies, jobs, logic, panel, runner
 
 log = logging.getLogger(__name__)
 ADD_MODEL_FOLDER = "<add model folder>"
+ADD_MODEL_ZIP = "<add model zip>"
 DEVICES = (("Auto (GPU when available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu"))
 
 
@@ -51,6 +54,7 @@ class SegmentSection:
         ui.ttaCheckBox.toggled.connect(self.onSettingChanged)
         ui.stepSizeSpinBox.valueChanged.connect(self.onSettingChanged)
         ui.foldsLineEdit.textChanged.connect(self.onSettingChanged)
+        ui.uncertaintyCheckBox.toggled.connect(self.onSettingChanged)
         ui.segmentButton.clicked.connect(self.onSegmentButton)
         ui.cancelButton.clicked.connect(self.onCancelButton)
         self.jobs.subscribe(self.updateButtonState)
@@ -70,6 +74,7 @@ class SegmentSection:
             self.ui.ttaCheckBox.setChecked(p.tta)
             self.ui.stepSizeSpinBox.setValue(p.stepSize)
             self.ui.foldsLineEdit.setText(p.folds)
+            self.ui.uncertaintyCheckBox.setChecked(p.uncertainty)
             if p.modelPath:
                 self._selectModel(p.modelPath)
             for selector, node in zip(self._channelSelectors, p.inputVolumes):
@@ -90,11 +95,13 @@ class SegmentSection:
         p.tta = self.ui.ttaCheckBox.isChecked()
         p.stepSize = float(self.ui.stepSizeSpinBox.property("value"))
         p.folds = self.ui.foldsLineEdit.property("text")
+        p.uncertainty = self.ui.uncertaintyCheckBox.isChecked()
 
     # -- models ----------------------------------------------------------------------------------------------
     def refreshModels(self, select: str = None) -> None:
-        """Fill the model selector: shipped models, the user's folders, then "Add model folder..."."""
-        self._models = catalog.available_models(catalog.remembered_folders(qt.QSettings()))
+        """Fill the model selector: the models `segment-mbtfe models list` shows, then "Add model folder..."
+        and "Add model zip..."."""
+        self._models = catalog.available_models(qt.QSettings())
         wanted = select or (self._parameterNode.modelPath if self._parameterNode else "") or \
             slicer.util.settingsValue(catalog.SETTINGS_LAST, "") or catalog.default_path()
         combo = self.ui.modelSelector
@@ -104,6 +111,7 @@ class SegmentSection:
             combo.addItem(info.name + ("" if not info.problem else " " + _("(unusable)")), info.path)
             combo.setItemData(combo.findData(info.path), info.summary(), qt.Qt.ToolTipRole)
         combo.addItem(_("Add model folder..."), ADD_MODEL_FOLDER)
+        combo.addItem(_("Add model zip..."), ADD_MODEL_ZIP)
         index = combo.findData(wanted) if wanted else -1
         combo.setCurrentIndex(index if index >= 0 else (0 if self._models else -1))
         combo.blockSignals(False)
@@ -113,14 +121,21 @@ class SegmentSection:
         path = self.ui.modelSelector.itemData(self.ui.modelSelector.property("currentIndex"))
         return next((m for m in self._models if m.path == path), None)
 
-    def addModelFolder(self, folder: str):
-        """Add a trained model folder to the selector (remembered across sessions) and select it."""
-        info = catalog.describe(folder)
-        if info.problem:
-            slicer.util.errorDisplay(info.problem, windowTitle=_("Not a model folder"))
+    def addModelFolder(self, path: str):
+        """Add a trained model folder (registered where it is) or a model zip made by nnUNetv2_export_model_to_zip
+        (unpacked into the models folder) to the selector, as `segment-mbtfe models add` does, and select it."""
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)  # a large zip takes a while to unpack
+        try:
+            info = catalog.add(path)
+            problem = info.problem
+        except SegmentError as error:
+            info, problem = None, str(error)
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+        if problem:
+            slicer.util.errorDisplay(problem, windowTitle=_("Not a model"))
             self._selectModel(self._parameterNode.modelPath if self._parameterNode else "")
             return None
-        catalog.remember_folder(qt.QSettings(), info.path)
         self.refreshModels(select=info.path)
         return info
 
@@ -130,10 +145,10 @@ class SegmentSection:
 
     def onModelSelected(self, *args) -> None:
         combo = self.ui.modelSelector
-        if combo.itemData(combo.property("currentIndex")) == ADD_MODEL_FOLDER:
-            folder = qt.QFileDialog.getExistingDirectory(self.ui.modelSelector, _("Choose a trained model folder"))
-            if folder:
-                self.addModelFolder(folder)
+        if combo.itemData(combo.property("currentIndex")) in (ADD_MODEL_FOLDER, ADD_MODEL_ZIP):
+            chosen = self._askForModel(combo.itemData(combo.property("currentIndex")) == ADD_MODEL_ZIP)
+            if chosen:
+                self.addModelFolder(chosen)
             else:
                 self._selectModel(self._parameterNode.modelPath if self._parameterNode else "")
             return
@@ -145,6 +160,13 @@ class SegmentSection:
         self.onSettingChanged()
         for listener in self.onModelChanged:
             listener()
+
+    def _askForModel(self, zipFile: bool) -> str:
+        if not zipFile:
+            return qt.QFileDialog.getExistingDirectory(self.ui.modelSelector, _("Choose a trained model folder"))
+        chosen = qt.QFileDialog.getOpenFileName(self.ui.modelSelector, _("Choose a model zip"), "",
+                                                _("Model zips (*.zip)"))
+        return chosen[0] if isinstance(chosen, tuple) else chosen  # PySide gives (file, filter), PythonQt the file
 
     # -- input selectors, one per model channel -------------------------------------------------------------
     def _buildChannelSelectors(self, model) -> None:
@@ -246,7 +268,8 @@ class SegmentSection:
             return None
         folds, _problem = panel.parse_folds(self.ui.foldsLineEdit.property("text"), model.folds)
         options = runner.Options(self.device(), self.ui.ttaCheckBox.isChecked(),
-                                 float(self.ui.stepSizeSpinBox.property("value")), folds)
+                                 float(self.ui.stepSizeSpinBox.property("value")), folds,
+                                 uncertainty=self.ui.uncertaintyCheckBox.isChecked())
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.setText(_("Starting..."))
         return logic.start_segmentation(self.inputVolumes(), model.path, options, output, onProgress, onFinished,

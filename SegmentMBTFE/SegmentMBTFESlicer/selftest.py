@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-import qt
-
 import slicer
 
 from . import catalog, segmentation
@@ -97,7 +95,7 @@ def panel_keeps_user_segments(test):
             test.assertIsNotNone(widget.jobs.job, widget.ui.statusLabel.property("text"))
             widget.jobs.job.wait()
     finally:
-        catalog.forget_folder(qt.QSettings(), str(model_folder()))  # leave the user's model list as it was
+        catalog.forget(str(model_folder()))  # leave the user's model list as it was
         section.refreshModels()
     names = [output.GetSegmentation().GetNthSegment(i).GetName()
              for i in range(output.GetSegmentation().GetNumberOfSegments())]

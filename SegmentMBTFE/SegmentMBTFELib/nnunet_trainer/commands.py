@@ -8,7 +8,8 @@ import sys
 from . import registration
 
 COMMANDS = {
-    "register": "copy the MBTFE trainers into the installed nnunetv2 (nnUNetv2_train -tr nnUNetTrainerMBTFE)",
+    "register": "copy the MBTFE trainers into the installed nnunetv2 (nnUNetv2_train -tr nnUNetTrainerMBTFE); "
+                "with --ext-trainer print the nnUNet_extTrainer line instead",
     "unregister": "remove them from the installed nnunetv2",
     "status": "say whether they are registered, and where",
     "path": "print the folder to list in nnUNet_extTrainer instead of registering (nnunetv2 2.8.1 has it)",
@@ -16,6 +17,9 @@ COMMANDS = {
 
 
 def _register(args):
+    if args.ext_trainer:  # nothing is written: eval "$(segment-mbtfe nnunet-trainer register --ext-trainer)"
+        print(registration.external_trainer_line())
+        return
     print(f"Registered the MBTFE trainers: {registration.register()}")
 
 
@@ -43,6 +47,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(title="commands")
     for name, run in (("register", _register), ("unregister", _unregister), ("status", _status), ("path", _path)):
         commands.add_parser(name, help=COMMANDS[name]).set_defaults(run=run)
+    commands.choices["register"].add_argument("--ext-trainer", action="store_true",
+                         help="print `export nnUNet_extTrainer=...` for nnU-Net to find the trainers in their own "
+                              "folder, instead of writing into nnU-Net's package (nnunetv2 2.8.1 reads it)")
 
 
 def add_parser(subparsers) -> None:

@@ -8,9 +8,14 @@ so there it is found before the lookup imports unrelated trainers. (In 2.8.1 `pr
 nnunetv2 is located with `importlib.util.find_spec`, never imported: importing it reads the nnUNet_* paths
 once for the whole process and takes seconds. We only ever write or delete our own file, recognised by a
 marker line, so `unregister` cannot remove anything nnU-Net or a user put there.
+
+nnunetv2 2.8.1 also looks for a trainer it does not have in the folders listed in the `nnUNet_extTrainer`
+environment variable (nnunetv2/utilities/find_objects.py). `external_trainer_line()` gives the shell line that
+lists our shim folder there, for those who cannot or would rather not write into nnU-Net's package.
 """
 import importlib.util
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,6 +48,30 @@ def registered_path() -> Path:
 def external_trainer_folder() -> Path:
     """The folder to list in `nnUNet_extTrainer` (recent nnunetv2, e.g. 2.8.1) instead of registering."""
     return SHIM.parent
+
+
+def external_trainer_line() -> str:
+    """`export nnUNet_extTrainer=...` (`set ...` on Windows) listing our shim folder first, keeping any folders
+    already listed; refused when the installed nnunetv2 does not read the variable."""
+    _check_reads_external_trainers()
+    folder = str(external_trainer_folder())
+    listed = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != folder]
+    value = os.pathsep.join([folder, *listed])
+    if sys.platform == "win32":
+        return f"set nnUNet_extTrainer={value}"
+    return f"export nnUNet_extTrainer={shlex.quote(value)}"
+
+
+def _check_reads_external_trainers() -> None:
+    """nnunetv2 that predates nnUNet_extTrainer would ignore the line; say so instead (nnunetv2 missing here is
+    fine: the line is for the environment nnU-Net trains in)."""
+    spec = importlib.util.find_spec("nnunetv2")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    finder = Path(list(spec.submodule_search_locations)[0]) / "utilities" / "find_objects.py"
+    if finder.is_file() and "nnUNet_extTrainer" not in finder.read_text(errors="replace"):
+        raise RegistrationError("The nnunetv2 installed here does not read nnUNet_extTrainer; update it, or run "
+                                "`segment-mbtfe nnunet-trainer register` without --ext-trainer.")
 
 
 def is_registered() -> bool:

@@ -148,6 +148,7 @@ def install(settings_path: str, module_paths: dict = None):
     slicer.modules.volumes = _CoreModule(slicer.vtkSlicerVolumesLogic)
     slicer.modules.segmentations = _CoreModule(slicer.vtkSlicerSegmentationsModuleLogic)
     slicer.modules.terminologies = _CoreModule(slicer.vtkSlicerTerminologiesModuleLogic)
+    slicer.modules.colors = _CoreModule(slicer.vtkSlicerColorLogic)
     qt.QSettings.setDefaultFormat(qt.QSettings.IniFormat)
     _register_submodule("ScriptedLoadableModule", _scripted_loadable_module())
     _register_submodule("parameterNodeWrapper", _parameter_node_wrapper())

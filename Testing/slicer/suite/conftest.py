@@ -41,12 +41,16 @@ def slicer_app(tmp_path_factory):
 
 @pytest.fixture
 def scene(slicer_app):
-    """A fresh, empty scene as slicer.mrmlScene; the settings (added model folders) are cleared too."""
+    """A fresh, empty scene as slicer.mrmlScene; the settings and the models added by other tests are cleared too
+    (the session's models home: registered folders are only forgotten, never deleted)."""
+    import shutil
     import qt
     import slicer
+    from SegmentMBTFELib.models_home import models_home
     slicer.mrmlScene = slicer_app.new_scene()
     qt.QSettings().clear()
     slicer.app.settings().clear()
+    shutil.rmtree(models_home(), ignore_errors=True)
     return slicer.mrmlScene
 
 

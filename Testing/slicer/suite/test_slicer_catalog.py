@@ -16,14 +16,16 @@ def test_terminology_for_known_and_unknown_names():
 
 
 def test_catalog_describes_model_folders_and_problems(hippo3d_model, tmp_path):
-    info = catalog.describe(hippo3d_model.parent)  # the dataset folder above the trained one works too
+    dataset = tmp_path / "Dataset901_Hippocampus"
+    shutil.copytree(hippo3d_model, dataset / hippo3d_model.name)
+    info = catalog.describe(dataset)  # the dataset folder above the trained one works too
     assert (info.name, info.channels, info.labels, info.folds, info.modality) == \
         ("Dataset901_Hippocampus (3d_fullres)", ["MRI"], ["anterior", "posterior"], ["0"], "MR")
     untrained = tmp_path / "untrained"
     shutil.copytree(hippo3d_model, untrained, ignore=shutil.ignore_patterns("fold_*"))
     assert "has no trained fold" in catalog.describe(untrained).problem
     (tmp_path / "empty").mkdir()
-    assert "not a usable nnU-Net model folder (no plans.json)" in catalog.describe(tmp_path / "empty").problem
+    assert "No trained nnU-Net model in" in catalog.describe(tmp_path / "empty").problem
     broken = tmp_path / "broken"
     shutil.copytree(hippo3d_model, broken)
     (broken / "dataset.json").write_text("{not json")

@@ -51,9 +51,8 @@ def test_console_segment_returns_the_segmentation(module, scene, hippo3d_model, 
 
 
 def test_console_finds_a_model_by_name_and_writes_into_an_existing_node(module, scene, hippo3d_model, hippo_case):
-    import qt
     from SegmentMBTFESlicer import catalog
-    catalog.remember_folder(qt.QSettings(), str(hippo3d_model))  # as "Add model folder..." does
+    catalog.add(str(hippo3d_model))  # as "Add model folder..." does
     volume = load_volume(scene, hippo_case)
     logic = module.SegmentMBTFELogic()
     models = logic.availableModels()  # the shipped models (models/) first, then the ones the user added
@@ -143,8 +142,7 @@ def test_replacing_keeps_segment_ids_places_and_other_models(slicer_app, scene, 
 
 def test_the_in_slicer_self_test_passes_here(module, scene, widget, tiny_model):
     """SegmentMBTFETest is what Slicer runs; it needs no download (it writes a tiny model)."""
-    import qt
-    from SegmentMBTFESlicer import catalog
+    from SegmentMBTFELib.models_home import installed
     test = module.SegmentMBTFETest()
     test.runTest()
-    assert catalog.remembered_folders(qt.QSettings()) == []  # its temporary model is not left in the settings
+    assert {m.source for m in installed()} == {"shipped"}  # its temporary model is not left in the list

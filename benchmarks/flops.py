@@ -1,0 +1,91 @@
+"""How close the network runs to this CPU's peak: FLOPs per tile, measured speed, and the machine's peak.
+
+    .venv/bin/python benchmarks/flops.py MODEL_FOLDER [MODEL_FOLDER ...]
+
+For each model: the network's multiply-adds per tile (every convolution and transposed convolution, counted
+from the shapes a real forward pass produces: 2 FLOPs per multiply-add; normalisation and activations left
+out, so the figure is a lower bound), the time per tile when tiles go through in pairs as the engine sends
+them on the CPU, and the achieved GFLOP/s against this machine's peak, measured as the speed of a large
+float32 matrix product with the same threads (what oneDNN and BLAS reach at best). bench_predict.py prints
+the same for its cases.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SegmentMBTFE"))
+
+
+def peak_gflops(size: int = 3072, seconds: float = 3.0) -> float:
+    """GFLOP/s of a float32 matrix product (2 n^3 FLOPs), the best of repeated runs."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def flops_per_tile(network, patch, channels: int) -> float:
+    """FLOPs of one forward pass of one tile, from the convolutions' real input and output shapes."""
+    total = [0.0]
+
+    def count(module, inputs, output):
+        kernel = module.weight.shape[2:].numel()
+        if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+            macs = inputs[0].numel() * module.out_channels // module.groups * kernel
+        else:
+            macs = output.numel() * module.in_channels // module.groups * kernel
+        total[0] += 2.0 * macs
+    hooks = [m.register_forward_hook(count) for m in network.modules()
+             if isinstance(m, (torch.nn.modules.conv._ConvNd,))]
+    try:
+        with torch.inference_mode():
+            network(torch.zeros(1, channels, *patch))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0]
+
+
+def seconds_per_tile(network, patch, channels: int, seconds: float = 4.0) -> float:
+    """Time per tile with tiles in pairs (the engine's CPU batch), median-free: total time / tiles."""
+    batch = torch.randn(2, channels, *patch)
+    with torch.inference_mode():
+        network(batch)
+        started, tiles = time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            network(batch)
+            tiles += 2
+    return (time.perf_counter() - started) / tiles
+
+
+def report(model_folder, peak: float) -> dict:
+    from SegmentMBTFELib import load_model
+    model = load_model(model_folder)
+    network, patch = model.network.eval(), [int(p) for p in model.configuration.patch_size]
+    channels = len(model.channel_names) + (len(model.labels.foreground_labels)
+                                          if model.configuration.previous_stage else 0)
+    flops = flops_per_tile(network, patch, channels)
+    per_tile = seconds_per_tile(network, patch, channels)
+    achieved = flops / per_tile / 1e9
+    return {"model": model.name, "patch": patch, "gflops_per_tile": flops / 1e9, "s_per_tile": per_tile,
+            "achieved_gflops": achieved, "peak_gflops": peak, "fraction": achieved / peak}
+
+
+def line(row: dict) -> str:
+    return (f"{row['model']:<40} patch {'x'.join(map(str, row['patch'])):<10} {row['gflops_per_tile']:7.2f} GFLOP/tile "
+            f"{row['s_per_tile']:7.4f} s/tile  {row['achieved_gflops']:6.1f} GFLOP/s = {100 * row['fraction']:4.1f}% "
+            f"of peak {row['peak_gflops']:.0f}")
+
+
+if __name__ == "__main__":
+    peak = peak_gflops()
+    print(f"{torch.get_num_threads()} threads; peak (float32 matrix product): {peak:.1f} GFLOP/s")
+    for folder in sys.argv[1:]:
+        print(line(report(folder, peak)), flush=True)
