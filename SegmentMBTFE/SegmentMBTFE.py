@@ -154,37 +154,44 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
 
     def segment(self, volumeNodes, model, outputSegmentation=None, device: str = "auto", tta: bool = True,
                 stepSize: float = 0.5, folds=None, checkpoint: str = "final", show3D: bool = True,
-                progress=None, cancel=None, uncertainty: bool = False):
+                progress=None, cancel=None, uncertainty: bool = False, backend: str = "torch"):
         """Segment `volumeNodes` (one per model channel, or a single node) and return the segmentation node.
 
         outputSegmentation: None creates a new node; an existing node keeps its other segments and only this
         model's earlier segments are replaced. progress(fraction, text) is called along the way (default: the
         log); `cancel` (a threading.Event) stops the run within one tile. Blocks, keeping Slicer painting.
         uncertainty: also the entropy (and disagreement) maps over the image and a table per segment.
+        backend: what runs the network on the CPU: "torch" (default), "openvino" (faster; needs openvino in
+        Slicer's Python) or "auto" (OpenVINO when installed, else torch); a GPU always runs torch.
         """
         self.ensureDependencies()
-        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D, uncertainty)
+        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D, uncertainty,
+                                 backend)
         return logic.segment(volumeNodes, self._modelPath(model), options, outputSegmentation,
                              progress or logic.LogProgress(), cancel)
 
     def segmentFiles(self, paths, model, outputDir, device: str = "auto", tta: bool = True, stepSize: float = 0.5,
-                     folds=None, checkpoint: str = "final", progress=None, cancel=None, format: str = "seg.nrrd") -> list:
+                     folds=None, checkpoint: str = "final", progress=None, cancel=None, format: str = "seg.nrrd",
+                     backend: str = "torch") -> list:
         """Segment image files or DICOM series folders (each a path, or a list of channel paths) into
         outputDir/<case>.seg.nrrd. format: "seg.nrrd", "dicom-seg" (<case>.dcm, a DICOM SEG referencing the
         input series; needs DICOM inputs and highdicom), "nifti" or an extension (".nrrd"). Nothing is added to
-        the scene. Returns the paths written; which DICOM series each case used is logged."""
+        the scene. Returns the paths written; which DICOM series each case used is logged. A case that fails
+        does not stop the others: once all were tried, SomeCasesFailed (SegmentMBTFELib.errors) is raised if any
+        failed, with .written (the files written) and .failed ((case, reason) each; also logged)."""
         self.ensureDependencies()
-        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint)
+        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, backend=backend)
         return logic.segment_files(paths, self._modelPath(model), outputDir, options, progress or logic.LogProgress(),
                                    cancel, format)
 
     def startSegmentation(self, volumeNodes, model, outputSegmentation=None, device: str = "auto", tta: bool = True,
                           stepSize: float = 0.5, folds=None, checkpoint: str = "final", show3D: bool = True,
-                          onProgress=None, onFinished=None, uncertainty: bool = False):
+                          onProgress=None, onFinished=None, uncertainty: bool = False, backend: str = "torch"):
         """Start segmenting in the worker and return the job at once. Its progress and end arrive as Qt events:
         onProgress(fraction, text), then onFinished(outcome) with outcome.result the segmentation node (or
         outcome.error / outcome.cancelled set). job.cancel() stops it; job.wait() blocks until it ends."""
-        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D, uncertainty)
+        options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D, uncertainty,
+                                 backend)
         return logic.start_segmentation(volumeNodes, self._modelPath(model), options, outputSegmentation,
                                         onProgress, onFinished)
 

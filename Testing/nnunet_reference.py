@@ -30,6 +30,11 @@ Kinds (all tiny: 4 stages, 8/16/32/64 features; see KINDS, DATASETS and PLANNERS
                             largest foreground component, then the largest component of labels 1 and 2
     ct25                    CT, 25 labels (TotalSegmentator's structures grouped), 1.5 mm iso, patch 64^3:
                             the many-label model of benchmarks/bench_big_ct.py (not used by the tests)
+    hippo3d_<net>, hippo2d_<net>, ct_aniso_<net>   for <net> in unetpp, segresnetvae, unet3d: the same datasets,
+                            plans and configurations trained by nnU-Net's own loop with SegmentMBTFE's trainer
+                            (nnUNetTrainerUNetPlusPlus, nnUNetTrainerSegResNetVAE, nnUNetTrainerUNet3D), found by
+                            nnU-Net's lookup through nnUNet_extTrainer; hippo3d_<net> has folds 0 and 1. Rebuilt
+                            when the engine's network or trainer code changes.
 """
 from __future__ import annotations
 
@@ -127,6 +132,7 @@ class Kind:
     folds: tuple = (0,)
     derived_from: Optional[str] = None
     change: Optional[str] = None  # "old_plans" or "postprocessing", applied to the copy
+    trainer: str = TRAINER  # another is looked up by nnU-Net in SegmentMBTFE's trainer shims (nnUNet_extTrainer)
 
     @property
     def plans_identifier(self) -> str:
@@ -137,7 +143,7 @@ class Kind:
 
     def model_dir(self, root: Path) -> Path:
         return (self.results_root(root) / "nnUNet_results" / DATASETS[self.dataset].name /
-                f"{TRAINER}__{self.plans_identifier}__{self.configuration}")
+                f"{self.trainer}__{self.plans_identifier}__{self.configuration}")
 
 
 KINDS = {k.name: k for k in (
@@ -154,9 +160,23 @@ KINDS = {k.name: k for k in (
 )}
 
 
+# Kinds trained with SegmentMBTFE's trainers for the other network families (Testing/test_more_networks.py, which
+# registers the trainers that nnUNetPredictor must find); not in KINDS, whose self-tests use nnU-Net's own trainer.
+NETWORK_TRAINERS = {"unetpp": "nnUNetTrainerUNetPlusPlus", "segresnetvae": "nnUNetTrainerSegResNetVAE",
+                    "unet3d": "nnUNetTrainerUNet3D"}
+NETWORK_KINDS = {k.name: k for net, trainer in NETWORK_TRAINERS.items() for k in (
+    Kind(f"hippo3d_{net}", "hippocampus", folds=(0, 1), trainer=trainer),
+    Kind(f"hippo2d_{net}", "hippocampus", configuration="2d", trainer=trainer),
+    Kind(f"ct_aniso_{net}", "ct", trainer=trainer),
+)}
+# SegmentMBTFE's trainer shims, the folder nnU-Net searches through nnUNet_extTrainer, and the code they train
+ENGINE_DIR = Path(__file__).resolve().parents[1] / "SegmentMBTFE" / "SegmentMBTFELib"
+SHIM_DIR = ENGINE_DIR / "nnunet_trainer" / "shim"
+
+
 # Kinds for benchmarks only (the tests do not build them): the many-label CT of benchmarks/bench_big_ct.py.
 BENCHMARK_KINDS = {k.name: k for k in (Kind("ct25", "ct25"),)}
-ALL_KINDS = {**KINDS, **BENCHMARK_KINDS}
+ALL_KINDS = {**KINDS, **NETWORK_KINDS, **BENCHMARK_KINDS}
 
 
 class NnunetReferenceError(RuntimeError):
@@ -186,6 +206,8 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
     data_dir = str(Path(data_dir or DEFAULT_DATA_DIR).resolve())
     request = {"kind": kind, "folds": list(folds), "seed": seed, "train_iterations": train_iterations,
                "data_dir": data_dir, "version": _reference_version()}
+    if spec.trainer != TRAINER:
+        request["trainer_source"] = _trainer_source_hash()
     if spec.derived_from:
         base_dir = make_model_folder(root, kind=spec.derived_from, seed=seed, train_iterations=train_iterations,
                                      data_dir=data_dir, timeout=timeout)
@@ -226,9 +248,15 @@ def _reference_version() -> str:
     return f"{digest}-nnunetv2-{importlib.metadata.version('nnunetv2')}"
 
 
+def _trainer_source_hash() -> str:
+    """Identifies the engine's network and trainer code, which SegmentMBTFE's trainers train."""
+    files = sorted((ENGINE_DIR / "networks").glob("*.py")) + sorted((ENGINE_DIR / "nnunet_trainer").glob("*.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def _train(root: Path, spec: Kind, folds, request: dict, timeout: float) -> None:
     worker_request = dict(request, dataset=spec.dataset, planner=spec.planner, configuration=spec.configuration,
-                          folds=list(folds))
+                          folds=list(folds), trainer=spec.trainer)
     _run_worker("make", worker_request, root, log_dir=root / "logs" / spec.name, timeout=timeout,
                 results_root=spec.results_root(root))
 
@@ -418,7 +446,7 @@ def _worker_make(request: dict) -> None:
     for fold in request["folds"]:
         with _timed(f"train fold {fold}"):
             _train_fold(dataset, request["planner"], request["configuration"], fold,
-                        request["seed"] * 1000 + fold, request["train_iterations"])
+                        request["seed"] * 1000 + fold, request["train_iterations"], request.get("trainer", TRAINER))
 
 
 def _worker_postprocessing(request: dict) -> None:
@@ -613,7 +641,7 @@ def _save_plans(dataset: Dataset, planner: str, plans: dict) -> None:
 
 
 def _train_fold(dataset: Dataset, planner: str, configuration: str, fold: int, seed: int,
-                train_iterations: int) -> None:
+                train_iterations: int, trainer_name: str = TRAINER) -> None:
     """nnU-Net's own training loop (run_training) for at most one short epoch; it writes plans.json,
     dataset.json, dataset_fingerprint.json, checkpoint_final.pth and (after an epoch) checkpoint_best.pth."""
     import random
@@ -634,7 +662,15 @@ def _train_fold(dataset: Dataset, planner: str, configuration: str, fold: int, s
     plans = load_json(os.path.join(preprocessed, PLANNERS[planner][0] + ".json"))
     plans["continue_training"] = False  # nnunetv2 2.8.1's trainer pops this key; run_training.py sets it
     dataset_json = load_json(os.path.join(preprocessed, "dataset.json"))
-    trainer = nnUNetTrainer(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
+    trainer_class = nnUNetTrainer
+    if trainer_name != TRAINER:
+        # nnU-Net's own search of an nnUNet_extTrainer folder (find_objects.recursive_find_trainer_class_by_name
+        # does exactly this for each listed folder), here SegmentMBTFE's shim folder. Not the whole lookup: it first
+        # imports every module of nnunetv2's trainer package, and primus/ there fails against a CPU build of torch.
+        from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+        trainer_class = recursive_find_python_class(str(SHIM_DIR), trainer_name, None, base_folder=str(SHIM_DIR),
+                                                    cleanup_imports_from_base_folder=True)
+    trainer = trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 1 if train_iterations > 0 else 0
     trainer.num_iterations_per_epoch = train_iterations
     trainer.num_val_iterations_per_epoch = 1

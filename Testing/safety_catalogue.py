@@ -592,6 +592,74 @@ def _malicious_checkpoint(ctx):
     return Attempt(predict(ctx, "-i", ctx.image, model=model), check=nothing_ran)
 
 
+V1_TRAINED = "nnUNet/3d_fullres/Task999_Tiny/nnUNetTrainerV2__nnUNetPlansv2.1"
+
+
+def v1_folder(ctx, plans=None, model_pkl=None, with_plans: bool = True) -> Path:
+    """An nnU-Net v1 results folder (nnUNet/<configuration>/TaskXXX/<trainer>__<plans>/ with plans.pkl and
+    fold_0/model_final_checkpoint.model + .model.pkl), its pickles written as v1 writes them (pickle.dump of
+    plain dicts); the hostile cases below put something else in one of them."""
+    import pickle
+    trained = ctx.tmp / "v1" / V1_TRAINED
+    (trained / "fold_0").mkdir(parents=True)
+    stage = {"patch_size": [16, 16, 16], "current_spacing": [1.0, 1.0, 1.0], "pool_op_kernel_sizes": [[2, 2, 2]],
+             "conv_kernel_sizes": [[3, 3, 3], [3, 3, 3]], "batch_size": 2}
+    plain = {"plans_per_stage": {0: stage}, "num_modalities": 1, "modalities": {0: "MRI"}, "num_classes": 2,
+             "all_classes": [1, 2], "normalization_schemes": {0: "nonCT"}, "use_mask_for_norm": {0: False},
+             "base_num_features": 4, "conv_per_stage": 2, "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2]}
+    if with_plans:
+        (trained / "plans.pkl").write_bytes(pickle.dumps(plans if plans is not None else plain))
+    info = model_pkl if model_pkl is not None else {"init": ("plans.pkl", 0, "", "", True, 0, True, True, False),
+                                                   "name": "nnUNetTrainerV2"}
+    (trained / "fold_0" / "model_final_checkpoint.model.pkl").write_bytes(pickle.dumps(info))
+    torch.save({"epoch": 1, "state_dict": {}}, trained / "fold_0" / "model_final_checkpoint.model")
+    return ctx.tmp / "v1" / "nnUNet"
+
+
+def v1_runs_code(ctx, which: str):
+    marker = ctx.tmp / f"pwned-{uuid.uuid4().hex}"
+    evil = {"plans_per_stage": RunsCode(f"touch {marker}")}
+    model = v1_folder(ctx, plans=evil) if which == "plans" else v1_folder(ctx, model_pkl={"name": RunsCode(
+        f"touch {marker}")})
+
+    def nothing_ran():
+        assert not marker.exists(), "reading the v1 pickle ran the code inside it"
+    return Attempt(predict(ctx, "-i", ctx.image, model=model), check=nothing_ran)
+
+
+V1_REFUSED_CODE = ("error: Refusing to load …{}: it contains …system, which is not plain data; only dicts, lists, "
+                   "numbers, text and numpy arrays are read from nnU-Net v1 files.")
+
+
+@case(MODELS, "an nnU-Net v1 plans.pkl that runs a shell command when unpickled",
+      Refused(V1_REFUSED_CODE.format("plans.pkl")), process=True)
+def _v1_plans_runs_code(ctx):
+    return v1_runs_code(ctx, "plans")
+
+
+@case(MODELS, "an nnU-Net v1 .model.pkl that runs a shell command when unpickled",
+      Refused(V1_REFUSED_CODE.format("model_final_checkpoint.model.pkl")), process=True)
+def _v1_model_pkl_runs_code(ctx):
+    return v1_runs_code(ctx, "model_pkl")
+
+
+@case(MODELS, "an nnU-Net v1 plans.pkl cut short",
+      Refused("error: Cannot read …plans.pkl: the file is truncated or corrupt (…)."))
+def _v1_truncated_plans(ctx):
+    model = v1_folder(ctx)
+    plans = model / "3d_fullres" / "Task999_Tiny" / "nnUNetTrainerV2__nnUNetPlansv2.1" / "plans.pkl"
+    plans.write_bytes(plans.read_bytes()[: plans.stat().st_size // 2])
+    return Attempt(predict(ctx, "-i", ctx.image, model=model))
+
+
+@case(MODELS, "an nnU-Net v1 model folder without plans.pkl",
+      Refused("error: …nnUNetTrainerV2__nnUNetPlansv2.1 has no plans.pkl (nor plans inside its .model.pkl): it is "
+              "not a usable nnU-Net v1 model folder."))
+def _v1_without_plans(ctx):
+    return Attempt(predict(ctx, "-i", ctx.image, model=v1_folder(ctx, with_plans=False)))
+
+
 def _weights_case(name, given, edit, line):
     def make(ctx):
         model = model_copy(ctx)
@@ -930,9 +998,8 @@ def _zip_damaged_member(ctx):
     return add_zip(ctx, path)
 
 
-@case(ZIPS, "an nnU-Net v1 model zip (plans.pkl, model_final_checkpoint.model)",
-      Refused("error: v1_model.zip is an nnU-Net v1 model zip (plans.pkl, model_final_checkpoint.model); only "
-              "nnU-Net v2 models can be added."))
+@case(ZIPS, "an nnU-Net v1 model zip whose plans name no labels (v1 zips are read; test_nnunet_v1.py adds a "
+      "real one)", Refused("error: v1_model.zip: The v1 plans name no classes ('all_classes' / 'num_classes')."))
 def _zip_nnunet_v1(ctx):
     return add_zip(ctx, nnunet_v1_zip(zips(ctx) / "v1_model.zip"))
 

@@ -5,6 +5,9 @@ patient numbers that look like channel numbers), skipping finished outputs and -
 earlier output segmented again, --parts/--part covering every case once, the manifest's columns and segment
 volumes, Ctrl+C part-way (the manifest lists what was finished), and the one line when nothing is found.
 (The catalogue's batch_with_broken_cases, in test_safety.py, checks a batch where some cases are broken.)
+The stages side by side (overlap.py): one case ahead and one behind at most, the sequential run's outputs,
+cancel in the network. Worker processes (distribute.py): two CPU processes standing in for two GPUs, one
+manifest, a rerun. (test_dask.py: the same on a Dask cluster.)
 """
 from __future__ import annotations
 
@@ -168,3 +171,130 @@ def test_ctrl_c_part_way_keeps_the_finished_cases_and_their_manifest(models, tmp
     assert "Traceback" not in text and "the cases finished before are kept" in text
     assert sorted(p.name for p in out.iterdir()) == ["case0.seg.nrrd", "manifest.csv", "manifest.json"]
     assert [(r["case"], r["status"]) for r in manifest_rows(out)] == [("case0", "segmented")]
+
+
+# ------------------------------------------------------------------ stages side by side (overlap.py)
+
+def test_the_pipeline_reads_one_ahead_and_writes_one_behind_and_keeps_the_order():
+    """The real pipeline with stages that log when they run: case i+1 is read and case i-1 written while the
+    network works on case i, never further ahead; without room, each case runs alone."""
+    import threading
+    import time
+    from SegmentMBTFELib.overlap import run_in_stages
+    log, lock = [], threading.Lock()
+
+    def stage(name, pause):
+        def run(item):
+            with lock:
+                log.append(("start", name, item))
+            time.sleep(pause)
+            with lock:
+                log.append(("end", name, item))
+            return item
+        return run
+
+    def when(event, name, item):
+        return log.index((event, name, item))
+    done = []
+    run_in_stages(list(range(4)), stage("read", 0.02), stage("network", 0.3), stage("write", 0.02), done.append)
+    assert done == [0, 1, 2, 3]
+    for i in (1, 2):
+        assert when("start", "read", i + 1) < when("end", "network", i)       # read ahead, beside the network
+        assert when("start", "write", i - 1) < when("end", "network", i)      # written behind, beside it
+    for i in (0, 1):  # one ahead at most: case i+2 is read only once the network is done with case i
+        assert when("start", "read", i + 2) > when("end", "network", i)
+
+    log.clear()
+    done.clear()
+    run_in_stages(list(range(3)), stage("read", 0.01), stage("network", 0.05), stage("write", 0.01), done.append,
+                  room=lambda item: False)
+    assert done == [0, 1, 2]
+    assert [(event, name) for event, name, _ in log] == [("start", "read"), ("end", "read"), ("start", "network"),
+                                                         ("end", "network"), ("start", "write"), ("end", "write")] * 3
+
+
+def test_overlapped_outputs_are_those_of_the_sequential_run(models, tmp_path):
+    """Real files through run_batch both ways: the same label maps, the same manifest rows but the times,
+    progress that never goes back, and every case's stages reported."""
+    from SegmentMBTFELib import load_model
+    from SegmentMBTFELib.batch import BatchSettings, run_batch
+    folder = cases_folder(tmp_path, 3)
+    (folder / "broken.nii.gz").write_bytes(b"not an image")
+    cases, _ = find_cases([folder], ["CT"])
+    model, runs = load_model(models["one"]), {}
+    for overlap in (False, True):
+        progress = []
+        results = run_batch(model, None, cases, tmp_path / str(overlap),
+                            BatchSettings(".nii.gz", tta=False, overlap=overlap),
+                            progress=lambda fraction, text: progress.append((fraction, text)))
+        runs[overlap] = [(r.case, r.status, r.reason, r.volumes_ml, r.notes) for r in results]
+        fractions = [f for f, _ in progress]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        for i in range(3):
+            assert any(text == f"case{i} ({i + 2}/4): preprocessing" for _, text in progress)
+            assert any(text == f"case{i} ({i + 2}/4): exporting" for _, text in progress)
+    assert runs[True] == runs[False] and [r[1] for r in runs[True]] == ["failed"] + ["segmented"] * 3
+    for i in range(3):
+        one, other = (sitk.ReadImage(str(tmp_path / str(o) / f"case{i}.nii.gz")) for o in (False, True))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(one), sitk.GetArrayFromImage(other))
+
+
+def test_cancel_in_the_network_writes_the_case_before_and_not_the_one_read_ahead(models, tmp_path):
+    import threading
+    from SegmentMBTFELib import load_model
+    from SegmentMBTFELib.batch import BatchSettings, Manifest, run_batch
+    from SegmentMBTFELib.errors import Cancelled
+    cases, _ = find_cases([cases_folder(tmp_path, 4)], ["CT"])
+    out, cancel = tmp_path / "out", threading.Event()
+    out.mkdir()
+
+    def cancel_in_case2(fraction, text):
+        if text.startswith("case2 (3/4): tile"):
+            cancel.set()
+    with pytest.raises(Cancelled):
+        run_batch(load_model(models["one"]), None, cases, out, BatchSettings(tta=False, overlap=True),
+                  Manifest(out, ["anterior", "posterior"]), progress=cancel_in_case2, cancel=cancel)
+    assert sorted(p.name for p in out.iterdir()) == ["case0.seg.nrrd", "case1.seg.nrrd", "manifest.csv",
+                                                     "manifest.json"]
+    assert [(r["case"], r["status"]) for r in manifest_rows(out)] == [("case0", "segmented"), ("case1", "segmented")]
+
+
+# -------------------------------------------------------------- one worker process per device (distribute.py)
+
+def test_two_worker_processes_share_the_cases_and_write_one_manifest(models, tmp_path, capsys):
+    """--devices cpu,cpu: the very machinery that runs one process per GPU (cuda:0,cuda:1), with two CPU
+    processes; each case's manifest row says which worker segmented it."""
+    folder, out = cases_folder(tmp_path, 4), tmp_path / "out"
+    (folder / "case1b.nii.gz").write_bytes(b"not an image")
+    code, stdout, err = run(capsys, "predict", "-q", "--no-tta", "-m", models["one"], "-i", folder, "-o", out,
+                            "--devices", "cpu,cpu", "--format", ".nii.gz")
+    assert code == cli.EXIT_ERROR and err.strip().startswith("error: case1b: case1b.nii.gz could not be read")
+    assert "4 segmented, 0 skipped (already done), 1 failed, of 5 case(s)" in stdout
+    assert sorted(p.name for p in out.glob("manifest*")) == ["manifest.csv", "manifest.json"]
+    rows = manifest_rows(out)
+    assert [(r["case"], r["status"]) for r in rows] == [("case0", "segmented"), ("case1", "segmented"),
+                                                        ("case1b", "failed"), ("case2", "segmented"),
+                                                        ("case3", "segmented")]
+    assert [r["notes"] for r in rows] == ["worker 1 of 2 (cpu)", "worker 2 of 2 (cpu)", "worker 1 of 2 (cpu)",
+                                          "worker 2 of 2 (cpu)", "worker 1 of 2 (cpu)"]
+    from SegmentMBTFELib import load_model
+    from SegmentMBTFELib.imageio import read_volume
+    model = load_model(models["one"])
+    for i in (0, 1):  # one case of each worker: as this process segments it
+        expected = model.predict([read_volume(folder / f"case{i}.nii.gz")], tta=False).labels.array
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"case{i}.nii.gz"))), expected)
+
+    code, stdout, _ = run(capsys, "predict", "-q", "--no-tta", "-m", models["one"], "-i", folder, "-o", out,
+                          "--workers", "2", "--format", ".nii.gz")
+    assert code == cli.EXIT_ERROR and "0 segmented, 4 skipped (already done), 1 failed" in stdout
+
+
+def test_worker_devices_are_checked_in_one_sentence(models, good_image, tmp_path, capsys):
+    from SegmentMBTFELib.distribute import worker_devices
+    assert worker_devices("cpu", 3) == ["cpu"] * 3 and worker_devices("auto", None, "cpu,cpu") == ["cpu", "cpu"]
+    assert worker_devices("auto") == [] and worker_devices("cpu", 1) == []  # no GPUs here: this process segments
+    for option, line in ((["--workers", "0"], "error: --workers must be 1 or more; got 0."),
+                         (["--devices", "cpu,cuda:1"], "error: CUDA was requested but this torch")):
+        code, _, err = run(capsys, "predict", "-q", "-m", models["one"], "-i", good_image.parent,
+                           "-o", tmp_path / "o", *option)
+        assert code == cli.EXIT_ERROR and err.startswith(line) and len(err.splitlines()) == 1

@@ -9,6 +9,10 @@ matrix product's GFLOP/s).
 
     .venv/bin/python benchmarks/bench_predict.py                # all cases, 3 repeats
     .venv/bin/python benchmarks/bench_predict.py --cases hippo_tta --repeats 5
+    .venv/bin/python benchmarks/bench_predict.py --backend openvino   # ours with OpenVINO (default: torch)
+
+With OpenVINO (--backend auto when it is installed, or openvino) the first run of each model converts the
+network and caches it (backends.py); that run is made before the timed ones and its time printed apart.
 
 Needs the test environment (scripts/setup-venv.sh --test) for nnunetv2 and ../shared/data.
 """
@@ -39,15 +43,18 @@ def main():
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=str(REPO / "benchmarks" / "results"), help="models and outputs")
+    parser.add_argument("--backend", default="torch", choices=("auto", "torch", "openvino"),
+                        help="what runs our network on the CPU (segment-mbtfe predict --backend)")
     args = parser.parse_args()
     work = Path(args.work)
-    rows = [run_case(name, work, args.repeats) for name in args.cases.split(",")]
+    rows = [run_case(name, work, args.repeats, args.backend) for name in args.cases.split(",")]
     print_table(rows)
     import flops
     peak = flops.peak_gflops()
     print(f"\nthe networks against this CPU's peak ({peak:.0f} GFLOP/s, float32 matrix product):")
     for kind in dict.fromkeys(CASES[name][0] for name in args.cases.split(",")):
-        print(flops.line(flops.report(ref.make_model_folder(work / "models", kind=kind), peak)))
+        for backend in dict.fromkeys(["torch", *{r["backend"] for r in rows if r["backend"] != "torch"}]):
+            print(flops.line(flops.report(ref.make_model_folder(work / "models", kind=kind), peak, backend)))
 
 
 def image_for(source: str, work: Path) -> Path:
@@ -61,35 +68,48 @@ def image_for(source: str, work: Path) -> Path:
     return target
 
 
-def run_case(name: str, work: Path, repeats: int) -> dict:
+def run_case(name: str, work: Path, repeats: int, backend: str = "auto") -> dict:
     kind, source, tta, what = CASES[name]
     model = ref.make_model_folder(work / "models", kind=kind)
     folds = list(ref.KINDS[kind].folds)
     image = image_for(source, work)
     out = work / "outputs" / name
     ours_cmd = [str(REPO / ".venv" / "bin" / "segment-mbtfe"), "predict", "-m", str(model), "-i", str(image),
-                "-o", str(out / "ours.nii.gz"), "--device", "cpu", "-q", "--folds", *map(str, folds)]
+                "-o", str(out / "ours.nii.gz"), "--device", "cpu", "-q", "--folds", *map(str, folds),
+                "--backend", backend]
     if not tta:
         ours_cmd.append("--no-tta")
+    started = time.perf_counter()
+    used = backend_used(subprocess.run(ours_cmd, check=True, capture_output=True, text=True).stdout)
+    if used != "torch":
+        print(f"{name}: first run (converts the network once per model, then cached): "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
     ours, theirs, theirs_inside = [], [], []
     for i in range(repeats):
         started = time.perf_counter()
-        subprocess.run(ours_cmd, check=True, capture_output=True)
+        used = backend_used(subprocess.run(ours_cmd, check=True, capture_output=True, text=True).stdout)
         ours.append(time.perf_counter() - started)
         started = time.perf_counter()
         [reference] = ref.predict_with_nnunet(model, [[image]], out / "nnunet", folds=folds, tta=tta)
         theirs.append(time.perf_counter() - started)
         theirs_inside.append(ref.read_timing(out / "nnunet")["predict_s"])
-        print(f"{name} run {i + 1}/{repeats}: ours {ours[-1]:.1f} s, nnU-Net {theirs[-1]:.1f} s", flush=True)
-    return {"case": name, "what": what, "ours": statistics.median(ours), "nnunet": statistics.median(theirs),
+        print(f"{name} run {i + 1}/{repeats}: ours ({used}) {ours[-1]:.1f} s, nnU-Net {theirs[-1]:.1f} s", flush=True)
+    return {"case": name, "what": what, "backend": used, "ours": statistics.median(ours),
+            "nnunet": statistics.median(theirs),
             "nnunet_inside": statistics.median(theirs_inside),
             "agreement": ref.agreement(out / "ours.nii.gz", reference)}
 
 
+def backend_used(stdout: str) -> str:
+    """What ran our network, from the command's last line ('... on cpu with OpenVINO.')."""
+    return "openvino" if "with OpenVINO" in stdout else "torch"
+
+
 def print_table(rows):
-    print(f"\n{'case':<14}{'ours s':>9}{'nnU-Net s':>11}{'ratio':>8}{'nnU-Net in-process s':>22}{'agreement':>11}  what")
+    print(f"\n{'case':<14}{'backend':>9}{'ours s':>9}{'nnU-Net s':>11}{'ratio':>8}{'nnU-Net in-process s':>22}"
+          f"{'agreement':>11}  what")
     for r in rows:
-        print(f"{r['case']:<14}{r['ours']:>9.2f}{r['nnunet']:>11.2f}{r['ours'] / r['nnunet']:>8.3f}"
+        print(f"{r['case']:<14}{r['backend']:>9}{r['ours']:>9.2f}{r['nnunet']:>11.2f}{r['ours'] / r['nnunet']:>8.3f}"
               f"{r['nnunet_inside']:>22.2f}{r['agreement']:>11.6f}  {r['what']}")
     print("ratio = median wall time of `segment-mbtfe predict` / median wall time of nnUNetPredictor, both as "
           "fresh processes on the CPU.")

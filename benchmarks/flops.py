@@ -1,6 +1,6 @@
 """How close the network runs to this CPU's peak: FLOPs per tile, measured speed, and the machine's peak.
 
-    .venv/bin/python benchmarks/flops.py MODEL_FOLDER [MODEL_FOLDER ...]
+    .venv/bin/python benchmarks/flops.py [--backend openvino] MODEL_FOLDER [MODEL_FOLDER ...]
 
 For each model: the network's multiply-adds per tile (every convolution and transposed convolution, counted
 from the shapes a real forward pass produces: 2 FLOPs per multiply-add; normalisation and activations left
@@ -65,21 +65,27 @@ def seconds_per_tile(network, patch, channels: int, seconds: float = 4.0) -> flo
     return (time.perf_counter() - started) / tiles
 
 
-def report(model_folder, peak: float) -> dict:
+def report(model_folder, peak: float, backend: str = "torch") -> dict:
+    """backend "openvino": the same network converted as the engine converts it (backends.py), timed alike."""
     from SegmentMBTFELib import load_model
+    from SegmentMBTFELib.backends import cpu_network
     model = load_model(model_folder)
     network, patch = model.network.eval(), [int(p) for p in model.configuration.patch_size]
     channels = len(model.channel_names) + (len(model.labels.foreground_labels)
                                           if model.configuration.previous_stage else 0)
     flops = flops_per_tile(network, patch, channels)
+    if backend != "torch":
+        model.backend = backend
+        network = cpu_network(model, 0, torch.device("cpu"), []) or network
+        backend = "openvino" if network is not model.network else "torch"
     per_tile = seconds_per_tile(network, patch, channels)
     achieved = flops / per_tile / 1e9
     return {"model": model.name, "patch": patch, "gflops_per_tile": flops / 1e9, "s_per_tile": per_tile,
-            "achieved_gflops": achieved, "peak_gflops": peak, "fraction": achieved / peak}
+            "achieved_gflops": achieved, "peak_gflops": peak, "fraction": achieved / peak, "backend": backend}
 
 
 def line(row: dict) -> str:
-    return (f"{row['model']:<40} patch {'x'.join(map(str, row['patch'])):<10} {row['gflops_per_tile']:7.2f} GFLOP/tile "
+    return (f"{row['model']:<40} {row.get('backend', 'torch'):<9} patch {'x'.join(map(str, row['patch'])):<10} {row['gflops_per_tile']:7.2f} GFLOP/tile "
             f"{row['s_per_tile']:7.4f} s/tile  {row['achieved_gflops']:6.1f} GFLOP/s = {100 * row['fraction']:4.1f}% "
             f"of peak {row['peak_gflops']:.0f}")
 
@@ -87,5 +93,8 @@ def line(row: dict) -> str:
 if __name__ == "__main__":
     peak = peak_gflops()
     print(f"{torch.get_num_threads()} threads; peak (float32 matrix product): {peak:.1f} GFLOP/s")
+    backend = "torch"
+    if sys.argv[1:2] == ["--backend"]:
+        backend, sys.argv[1:3] = sys.argv[2], []
     for folder in sys.argv[1:]:
-        print(line(report(folder, peak)), flush=True)
+        print(line(report(folder, peak, backend)), flush=True)

@@ -16,7 +16,9 @@ Our changes, all of them a user could make:
   * the split: nnU-Net's own 5-fold split (generate_crossval_split: sklearn KFold, shuffle, random_state
     12345, over the 208 sorted case ids), written as splits_final.json; fold 0 is trained, its 42 (or so)
     validation cases are held out and evaluated.
-  * `--network mbtfe` trains with `nnUNetTrainerMBTFE` (SegmentMBTFELib.nnunet_trainer) on the same plans.
+  * `--network mbtfe` trains with `nnUNetTrainerMBTFE` (SegmentMBTFELib.nnunet_trainer) on the same plans;
+    `unetpp`, `segresnetvae` and `unet3d` with `nnUNetTrainerUNetPlusPlus`, `nnUNetTrainerSegResNetVAE` (its loss
+    adds the VAE terms) and `nnUNetTrainerUNet3D` (SegmentMBTFELib.nnunet_trainer.family_trainers), likewise.
 
 After training, the validation cases are predicted with OUR engine (SegmentMBTFELib.load_model(...).predict,
 TTA on, step 0.5, CPU) from the original image files and Dice per label (anterior, posterior) is computed
@@ -48,13 +50,27 @@ LABELS = {"background": 0, "anterior": 1, "posterior": 2}
 CONFIGURATION = "3d_fullres"
 PLANS = "nnUNetPlans"
 FOLD = 0
+# --network -> (default model folder name, trainer: its module, or None for nnU-Net's own, and class, description)
+NETWORKS = {
+    "plain": ("hippocampus_nnunet", None, "nnUNetTrainer", "PlainConvUNet (nnU-Net's default 3d_fullres network)"),
+    "mbtfe": ("hippocampus_mbtfe", "trainer", "nnUNetTrainerMBTFE",
+              "MBTFE-UNet (PlainConvUNet + MBTFE blocks + EAB, SegmentMBTFELib.networks.mbtfe)"),
+    "unetpp": ("hippocampus_unetpp", "family_trainers", "nnUNetTrainerUNetPlusPlus",
+               "UNet++ (nested dense skips, deep supervision on the top row; SegmentMBTFELib.networks.unetpp)"),
+    "segresnetvae": ("hippocampus_segresnetvae", "family_trainers", "nnUNetTrainerSegResNetVAE",
+                     "SegResNetVAE (Myronenko 2018: GroupNorm residual encoder, VAE regularisation in training; "
+                     "SegmentMBTFELib.networks.segresnet_vae)"),
+    "unet3d": ("hippocampus_unet3d", "family_trainers", "nnUNetTrainerUNet3D",
+               "3D U-Net (Cicek 2016: conv-BN-ReLU, max pooling, transposed convolutions; "
+               "SegmentMBTFELib.networks.unet3d)"),
+}
 ATTRIBUTION = ('Antonelli M. et al., "The Medical Segmentation Decathlon", Nature Communications 13, 4128 '
                '(2022); Simpson A. L. et al., arXiv:1902.09063 (2019)')
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--network", choices=("plain", "mbtfe"), required=True)
+    p.add_argument("--network", choices=tuple(NETWORKS), required=True)
     p.add_argument("--name", help="model folder name under models/ (default hippocampus_nnunet / hippocampus_mbtfe)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--iterations", type=int, default=100, help="training iterations per epoch")
@@ -74,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--no-eval", action="store_true", help="skip the validation (smoke tests)")
     p.add_argument("--max-eval-cases", type=int, help="evaluate only the first N validation cases (smoke tests)")
     args = p.parse_args(argv)
-    args.name = args.name or {"plain": "hippocampus_nnunet", "mbtfe": "hippocampus_mbtfe"}[args.network]
+    args.name = args.name or NETWORKS[args.network][0]
     return args
 
 
@@ -171,10 +187,12 @@ def train(args, pre: Path):
     import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    if args.network == "plain":
+    import importlib
+    _, module, class_name, _ = NETWORKS[args.network]
+    if module is None:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as Trainer
     else:  # instantiated directly: nnU-Net's trainer lookup by name is not needed (nor registration)
-        from SegmentMBTFELib.nnunet_trainer.trainer import nnUNetTrainerMBTFE as Trainer
+        Trainer = getattr(importlib.import_module(f"SegmentMBTFELib.nnunet_trainer.{module}"), class_name)
     # 0 augmentation workers: nnU-Net's SingleThreadedAugmenter, no background processes on 2 cores.
     os.environ["nnUNet_n_proc_DA"] = "0"
     random.seed(args.seed)
@@ -265,8 +283,7 @@ def write_card(args, target: Path, info: dict):
     arch = configuration["architecture"]
     kw = arch["arch_kwargs"]
     d = info["dice"]
-    network = ("PlainConvUNet (nnU-Net's default 3d_fullres network)" if args.network == "plain"
-               else "MBTFE-UNet (PlainConvUNet + MBTFE blocks + EAB, SegmentMBTFELib.networks.mbtfe)")
+    network = NETWORKS[args.network][3]
     lines = [
         f"# {args.name}: hippocampus segmentation, {network.split(' (')[0]}",
         "",
@@ -296,9 +313,9 @@ def write_card(args, target: Path, info: dict):
         f"batch 9). Everything else nnU-Net's default trainer: Dice + CE with deep supervision, SGD Nesterov "
         f"0.99, lr 0.01 poly decay over these epochs, weight decay 3e-5, nnU-Net's augmentation; "
         f"{args.val_iterations} pseudo-Dice validation iterations per epoch (logged only). Seed {args.seed}.",
-        "- Budget: both shipped hippocampus models (`hippocampus_nnunet`, PlainConvUNet, and `hippocampus_mbtfe`, "
-        "MBTFE-UNet) use this same schedule, data, split, plans, batch and seed: the same number of training "
-        "iterations and patches seen, not the same wall time (MBTFE-UNet's steps take about 3x longer on a CPU).",
+        "- Budget: every hippocampus model of this script (plain nnU-Net, MBTFE-UNet, UNet++, SegResNetVAE, 3D "
+        "U-Net) uses this same schedule, data, split, plans, batch and seed: the same number of training "
+        "iterations and patches seen, not the same wall time (the networks' steps differ in cost on a CPU).",
         f"- Split: nnU-Net's default 5-fold split (sklearn KFold, shuffle, random_state 12345, over the sorted "
         f"case ids); fold {FOLD} trained on {info['n_train']} cases, {info['n_val']} held out.",
         f"- Hardware and wall time: {info['hardware']}; training {info['train_s'] / 60:.1f} min "

@@ -19,6 +19,9 @@ mkdir -p .venv/constraints
 
 if [ "${1:-}" = "--test" ]; then
     "${pip[@]}" install -c .venv/constraints/torch.txt -e ".[test]" -r Testing/requirements.txt
+    # nnU-Net v1, the reference of Testing/test_nnunet_v1.py: without its setup.py's dependencies (it names the
+    # deprecated `sklearn` package); what its import path needs comes with nnunetv2 and Testing/requirements.txt
+    "${pip[@]}" install -c .venv/constraints/torch.txt --no-deps "nnunet==1.7.1"
 else
     "${pip[@]}" install -c .venv/constraints/torch.txt -e .
 fi

@@ -27,7 +27,9 @@ import numpy as np
 
 from .errors import Cancelled, SegmentError
 from .imageio import image_extension, read_channels, read_volume, atomic_output
-from .tasks import predict
+from .memory import available_bytes
+from .overlap import run_in_stages
+from .tasks import with_version
 from .writers import check_output, write_prediction
 
 SEGMENTED, SKIPPED, FAILED = "segmented", "skipped", "failed"
@@ -69,7 +71,7 @@ def find_cases(paths: Sequence, channel_names: Sequence[str], leave_out: Sequenc
         else:
             _sort_entry(path, files, folders, ignored, leave_out, given=True)
     cases = _cases_from_files(files, list(channel_names)) + [_case_from_folder(f, channel_names) for f in folders]
-    return _flag_name_clashes(sorted(cases, key=lambda c: c.name)), ignored
+    return flag_name_clashes(sorted(cases, key=lambda c: c.name)), ignored
 
 
 def _sort_entry(path: Path, files, folders, ignored, leave_out, given: bool = False):
@@ -138,7 +140,7 @@ def _case_from_folder(folder: Path, channel_names: Sequence[str]) -> Case:
     return Case(folder.name, [folder])
 
 
-def _flag_name_clashes(cases: List[Case]) -> List[Case]:
+def flag_name_clashes(cases: List[Case]) -> List[Case]:
     """Two cases with one name (a folder and a file) would write one output: both are refused."""
     seen: Dict[str, int] = {}
     for case in cases:
@@ -168,60 +170,190 @@ class BatchSettings:
     tta: bool = True
     probabilities: bool = False
     postprocess: bool = True
+    overlap: Optional[bool] = None  # read the next case and write the last one while the network works
+                                    # (overlap.py); None: when the network runs on a GPU (see run_batch)
+    backend: str = "torch"   # what runs the network on the CPU: torch, openvino, auto (backends.py)
 
 
 def run_batch(model, version, cases: Sequence[Case], output_dir, settings: BatchSettings, manifest=None,
-              progress=None, on_result=None) -> List[CaseResult]:
+              progress=None, on_result=None, cancel=None) -> List[CaseResult]:
     """Segment each case into output_dir/<case><extension>; a case that fails is recorded and the batch goes
-    on. `manifest` (a Manifest) is kept up to date; `on_result(result)` is called as each case ends.
-    Ctrl+C or a cancel stops at once: the case being segmented is not written, the manifest is."""
-    from .progress import Progress
+    on. `manifest` (a Manifest) is kept up to date; `on_result(result)` is called as each case ends, in the
+    cases' order. Ctrl+C or `cancel` (a threading.Event) stops at once: the case in the network is not
+    written, the one before it is (its network work was done), and so is the manifest.
+
+    With settings.overlap None, the stages run side by side only when the network runs on a GPU: on the
+    CPU the network's threads take every core, and stages beside them slowed a batch down (1.32x with 2
+    cores, benchmarks/bench_batch.py)."""
+    import threading
+    from dataclasses import replace
+    from .devices import choose_device
+    from .backends import use_backend
+    use_backend(model, settings.backend)
+    if settings.overlap is None:
+        settings = replace(settings, overlap=choose_device(settings.device).type != "cpu")
     output_dir = Path(output_dir)
-    reporter = Progress(progress)
+    shared = _SharedProgress(progress)
+    stopping = threading.Event()
+    stages = _Stages(model, version, output_dir, settings, shared, cancel, stopping, len(cases))
     results: List[CaseResult] = []
+
+    def done(result: CaseResult):
+        results.append(result)
+        # a segmented case's end moves the bar (its export may have run beside the next case's network)
+        end = shared.main if result.status == SEGMENTED else shared.side
+        end(len(results) / len(cases), f"{result.case} ({len(results)}/{len(cases)}): {result.status}")
+        if manifest is not None:
+            manifest.update(results)
+        if on_result is not None:
+            on_result(result)
     try:
-        for index, case in enumerate(cases):
-            span = reporter.span(index / len(cases), (index + 1) / len(cases))
-            prefix = f"{case.name} ({index + 1}/{len(cases)}): "
-            result = _run_case(model, version, case, output_dir / f"{case.name}{settings.extension}", settings,
-                               lambda fraction, text: span.report(fraction, prefix + text))
-            results.append(result)
-            if manifest is not None:
-                manifest.update(results)
-            if on_result is not None:
-                on_result(result)
+        run_in_stages(list(enumerate(cases)), stages.prepare, stages.compute, stages.finish, done,
+                      room=stages.room, overlap=settings.overlap, stop_ahead=stopping.set)
     finally:
         if manifest is not None:
             manifest.update(results, force=True)
     return results
 
 
-def _run_case(model, version, case: Case, output: Path, settings: BatchSettings, progress) -> CaseResult:
-    started = time.perf_counter()
+@dataclass
+class _Working:
+    """A case on its way through the stages; `job` is None once its result is final (failed, skipped)."""
+    result: CaseResult
+    output: Path
+    prefix: str = ""
+    span: tuple = (0.0, 1.0)
+    job: object = None           # model.CaseInProgress
+    prediction: object = None
+
+
+class _Stages:
+    """The batch's three stages for overlap.run_in_stages: each records a case's failure in its result and
+    lets only Cancelled and Ctrl+C through. The network stage runs in the caller's thread and reports the
+    progress; the other two report their stage texts at the network's latest fraction (they run beside it)."""
+
+    def __init__(self, model, version, output_dir: Path, settings: BatchSettings, shared, cancel, stopping, count):
+        self.model, self.version, self.output_dir, self.settings = model, version, output_dir, settings
+        self.shared, self.cancel, self.stopping, self.count = shared, cancel, stopping, count
+
+    def prepare(self, indexed) -> _Working:
+        index, case = indexed
+        output = self.output_dir / f"{case.name}{self.settings.extension}"
+        work = _Working(CaseResult(case.name, FAILED, inputs=[str(p) for p in case.inputs], output=str(output)),
+                        output, f"{case.name} ({index + 1}/{self.count}): ",
+                        (index / self.count, (index + 1) / self.count))
+        settled = settled_result(self.model, case, output, self.settings)
+        if settled is not None:
+            work.result = settled
+            return work
+        reporter = self._reporter(work, self.shared.side if self.settings.overlap else self.shared.main,
+                                  _Either(self.cancel, self.stopping))
+        s = self.settings
+        return self._guarded(work, lambda: self._read_and_preprocess(case, work, reporter, s))
+
+    def _read_and_preprocess(self, case: Case, work: _Working, reporter, s: BatchSettings):
+        volumes = read_channels(case.inputs, self.model.channel_names)  # the model's modality picks DICOM series
+        check_output(work.output, case.inputs, volumes[0])
+        work.job = self.model.prepare(volumes, s.device, s.step_size, s.tta, s.probabilities, s.postprocess,
+                                      reporter=reporter)
+
+    def compute(self, work: _Working) -> _Working:
+        if work.job is None:
+            return work
+        work.job.reporter = self._reporter(work, self.shared.main, self.cancel)
+        return self._guarded(work, lambda: self.model.run_network(work.job))
+
+    def finish(self, work: _Working) -> CaseResult:
+        if work.job is None:
+            return work.result
+        # not cancellable: the network's work on this case is done, so a cancel from here on still writes it
+        work.job.reporter = self._reporter(work, self.shared.side if self.settings.overlap else self.shared.main)
+        work = self._guarded(work, lambda: self._export_and_write(work))
+        result = work.result
+        if work.prediction is not None:
+            prediction = work.prediction
+            result.status, result.device, result.notes = SEGMENTED, prediction.settings["device"], prediction.messages
+            result.volumes_ml = segment_volumes_ml(prediction.labels, prediction.segments)
+        return result
+
+    def _export_and_write(self, work: _Working):
+        prediction = with_version(self.model.finish(work.job), self.version)
+        work.job = None
+        write_prediction(prediction, work.output)
+        work.prediction = prediction
+
+    def room(self, work: _Working) -> bool:
+        """Whether this case leaves room for one more beside it in each of the other two stages (three in all)."""
+        if work.job is None:
+            return True
+        available = available_bytes()
+        return available is None or available >= 3 * work.job.needed_bytes
+
+    def _reporter(self, work: _Working, callback, cancel=None):
+        from .progress import Progress
+        prefix = work.prefix
+        return Progress(lambda fraction, text: callback(fraction, prefix + text), cancel).span(*work.span)
+
+    def _guarded(self, work: _Working, stage) -> _Working:
+        """Run a stage; a failure becomes the case's result (and ends its way through the stages)."""
+        started = time.perf_counter()
+        try:
+            stage()
+        except (Cancelled, KeyboardInterrupt):
+            raise
+        except SegmentError as error:
+            work.result.reason, work.job = str(error), None
+        except Exception as error:  # noqa: BLE001 - a bug on one case must not lose the rest of an archive run
+            work.result.reason = (f"unexpected failure ({type(error).__name__}: {str(error)[:200]}); "
+                                  "rerun it with --debug")
+            work.result.notes.append("bug")
+            work.job = None
+        finally:
+            work.result.seconds = round(work.result.seconds + time.perf_counter() - started, 3)
+        return work
+
+
+
+class _Either:
+    """A cancel flag set when either of two is (the user's cancel, or the batch stopping its read-ahead)."""
+
+    def __init__(self, *flags):
+        self.flags = [f for f in flags if f is not None]
+
+    def is_set(self) -> bool:
+        return any(f.is_set() for f in self.flags)
+
+
+class _SharedProgress:
+    """One progress callback fed from the three stages' threads: the network's stage (main) sets the
+    fraction; the stages beside it (side) show their text at that fraction, so the bar never jumps back."""
+
+    def __init__(self, callback):
+        import threading
+        self.callback, self.fraction, self.lock = callback, 0.0, threading.Lock()
+
+    def main(self, fraction: float, text: str):
+        with self.lock:
+            self.fraction = max(self.fraction, fraction)
+            if self.callback is not None:
+                self.callback(self.fraction, text)
+
+    def side(self, fraction: float, text: str):
+        with self.lock:
+            if self.callback is not None:
+                self.callback(self.fraction, text)
+
+
+def settled_result(model, case: Case, output: Path, settings: BatchSettings) -> Optional[CaseResult]:
+    """The case's result when it is known without segmenting it (refused while listing, or its output is
+    there from an earlier run), else None."""
     result = CaseResult(case.name, FAILED, inputs=[str(p) for p in case.inputs], output=str(output))
     if case.problem:
         result.reason = case.problem[0].upper() + case.problem[1:] + "."
         return result
     if not settings.overwrite and _finished(output, model, result):
         return result
-    try:
-        volumes = read_channels(case.inputs, model.channel_names)  # the model's modality picks DICOM series
-        check_output(output, case.inputs, volumes[0])
-        prediction = predict(model, version, volumes, settings.device, settings.step_size, settings.tta,
-                             settings.probabilities, settings.postprocess, progress=progress)
-        write_prediction(prediction, output)
-    except (Cancelled, KeyboardInterrupt):
-        raise
-    except SegmentError as error:
-        result.reason = str(error)
-    except Exception as error:  # noqa: BLE001 - a bug on one case must not lose the rest of an archive run
-        result.reason = f"unexpected failure ({type(error).__name__}: {str(error)[:200]}); rerun it with --debug"
-        result.notes.append("bug")
-    else:
-        result.status, result.device, result.notes = SEGMENTED, prediction.settings["device"], prediction.messages
-        result.volumes_ml = segment_volumes_ml(prediction.labels, prediction.segments)
-    result.seconds = round(time.perf_counter() - started, 3)
-    return result
+    return None
 
 
 def _finished(output: Path, model, result: CaseResult) -> bool:

@@ -32,8 +32,9 @@ def _numpy_globals():
     return allowed
 
 
-def load_checkpoint(path) -> dict:
-    """The checkpoint's dict, loaded as data only. Raises ModelError with one line on any problem."""
+def load_checkpoint(path, weights_key: str = "network_weights", kind: str = "an nnU-Net v2 checkpoint") -> dict:
+    """The checkpoint's dict, loaded as data only. Raises ModelError with one line on any problem.
+    nnU-Net v1's `.model` files hold their weights under `state_dict` (nnunet_v1.py passes that key)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Checkpoint not found: {path}")
@@ -57,9 +58,9 @@ def load_checkpoint(path) -> dict:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
         raise ModelError(f"Cannot read checkpoint {path}: the file is truncated or corrupt "
                          f"({type(error).__name__}: {reason}).") from None
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise ModelError(f"{path} is not an nnU-Net v2 checkpoint (no 'network_weights').")
-    checkpoint["network_weights"] = _plain_keys(checkpoint["network_weights"])
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(weights_key), dict):
+        raise ModelError(f"{path} is not {kind} (no '{weights_key}').")
+    checkpoint[weights_key] = _plain_keys(checkpoint[weights_key])
     return checkpoint
 
 

@@ -3,6 +3,7 @@
     segment-mbtfe predict [-m MODEL] [--version ID] -i IMAGE [IMAGE ...] [--series UID ...]
                           -o OUTPUT.nii.gz|.nrrd|.seg.nrrd|.mha|.dcm
     segment-mbtfe predict [-m MODEL] -i CASES_DIR -o OUTPUT_DIR [--overwrite] [--parts N --part I]
+                          [--overlap auto|on|off] [--workers N | --devices cuda:0,cuda:1 | --dask ADDRESS]
     segment-mbtfe finetune [-m MODEL] -i CASE_IMAGE... -l CASE_LABELS... [-o NEW_VERSION_DIR] [--iterations N]
     segment-mbtfe models list;  models add PATH|ZIP [--name NAME] [--link];  models remove NAME
     segment-mbtfe models info|versions [MODEL]
@@ -27,6 +28,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .backends import BACKENDS, check_backend
 from .errors import Cancelled, InputError, SegmentError
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 143
@@ -109,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: all present)")
     predict.add_argument("--checkpoint", default="final", help="final (default), best, or a .pth file name")
     predict.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    predict.add_argument("--backend", default="torch", choices=BACKENDS,
+                         help="what runs the network on the CPU: torch (default), openvino (the [openvino] extra: "
+                              "faster, labels may differ slightly, see the README), auto (OpenVINO when installed, "
+                              "else torch); a GPU always runs torch")
     predict.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (0.5)")
     predict.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (~8x faster)")
     predict.add_argument("--probabilities", action="store_true",
@@ -130,6 +136,17 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--overwrite", action="store_true", help="segment cases whose output exists again")
     batch.add_argument("--parts", type=int, default=1, metavar="N", help="split the cases into N parts (jobs)")
     batch.add_argument("--part", type=int, default=1, metavar="I", help="the part this job segments, 1..N")
+    batch.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                       help="read the next case and write the last one while the network works: auto (default) "
+                            "when the network runs on a GPU; on; off (one stage at a time)")
+    batch.add_argument("--workers", type=int, metavar="N",
+                       help="N worker processes on this machine, each on its share of the cases (default: one per GPU "
+                            "when several GPUs are visible)")
+    batch.add_argument("--devices", metavar="LIST",
+                       help="one worker process per device named, e.g. cuda:0,cuda:1 or cpu,cpu")
+    batch.add_argument("--dask", metavar="ADDRESS",
+                       help="send one case per task to the Dask distributed scheduler at ADDRESS (tcp://host:8786; "
+                            "needs the [dask] extra and a filesystem the workers share)")
     predict.set_defaults(run=_predict)
 
     finetune = commands.add_parser(
@@ -249,6 +266,7 @@ def _predict(args):
     from .writers import check_output, output_format, write_prediction
 
     output = Path(args.output)
+    check_backend(args.backend)  # OpenVINO asked for but not installed: said before any work
     if _is_folder_output(output):
         return _predict_batch(args)
     output_format(output)  # refuse an unknown extension before minutes of work
@@ -260,7 +278,8 @@ def _predict(args):
     previous = read_volume(args.previous_stage) if args.previous_stage else None
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty(), note=note)
     prediction = predict(model, version, volumes, args.device, args.step, not args.no_tta, args.probabilities,
-                         not args.no_postprocessing, previous, progress=bar, uncertainty=args.uncertainty)
+                         not args.no_postprocessing, previous, progress=bar, uncertainty=args.uncertainty,
+                         backend=args.backend)
     bar.close()
     written = write_prediction(prediction, output)  # notes after it: a DICOM SEG adds its own
     if args.uncertainty:
@@ -274,8 +293,9 @@ def _predict(args):
     for message in prediction.messages:
         print(f"note: {message}", file=sys.stderr)
     names = ", ".join(name for _, name in prediction.segments)
+    engine = " with OpenVINO" if prediction.settings.get("backend") == "openvino" else ""
     print(f"Wrote {', '.join(str(p) for p in written)} ({names}) in {time.perf_counter() - started:.1f} s "
-          f"on {prediction.settings['device']}.")
+          f"on {prediction.settings['device']}{engine}.")
 
 
 def _series_per_input(args) -> list:
@@ -294,6 +314,7 @@ def _is_folder_output(output: Path) -> bool:
 
 def _predict_batch(args):
     from .batch import BatchSettings, Manifest, find_cases, run_batch, shard, summary
+    from .distribute import Collector, ModelSpec, run_on_dask, run_processes, worker_devices
     from .imageio import check_writable
 
     started, output_dir = time.perf_counter(), Path(args.output)
@@ -319,14 +340,28 @@ def _predict_batch(args):
         print(note, file=sys.stderr)
     if ignored:
         print(f"note: left out {len(ignored)} file(s) that are not images (e.g. {ignored[0].name}).", file=sys.stderr)
+    if args.dask and (args.workers or args.devices):
+        raise InputError("--dask sends the cases to the cluster's workers; --workers and --devices start workers on "
+                         "this machine: give one or the other.")
+    devices = [] if args.dask else worker_devices(args.device, args.workers, args.devices)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir, [name for _, name in model.labels.output_segments()], args.parts, args.part)
     settings = BatchSettings(args.format, args.overwrite, args.device, args.step, not args.no_tta,
-                             args.probabilities, not args.no_postprocessing)
+                             args.probabilities, not args.no_postprocessing, overlap={"on": True, "off": False}.get(args.overlap),
+                             backend=args.backend)
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        results = run_batch(model, version, cases, output_dir, settings, manifest, progress=bar,
-                            on_result=lambda result: _case_line(result, bar))
+        if args.dask or devices:
+            collector = Collector(len(cases), manifest, lambda result: _case_line(result, bar), bar)
+            try:
+                spread = run_on_dask if args.dask else run_processes
+                where = args.dask if args.dask else devices
+                results = spread(where, ModelSpec.of(model, version), model, cases, output_dir, settings, collector)
+            finally:
+                collector.close()
+        else:
+            results = run_batch(model, version, cases, output_dir, settings, manifest, progress=bar,
+                                on_result=lambda result: _case_line(result, bar))
     except (Cancelled, KeyboardInterrupt) as stop:
         bar.close()
         kept = (f"Cancelled; the cases finished before are kept in {output_dir} and listed in "
@@ -350,8 +385,9 @@ def _case_line(result, bar):
 
 
 def _info(args):
-    from .modelfolder import ModelFolder
-    folder = ModelFolder(_chosen_model(args), args.configuration)
+    from .modelfolder import open_model_folder
+    from .models_table import network_text
+    folder = open_model_folder(_chosen_model(args), args.configuration)
     c = folder.configuration
     rows = [
         ("Model", folder.name),
@@ -360,11 +396,11 @@ def _info(args):
         ("Channels", ", ".join(f"{i}: {n}" for i, n in enumerate(folder.channel_names))),
         ("Labels", ", ".join(f"{v}: {n}" for v, n in folder.labels.output_segments())
          + (" (regions)" if folder.labels.has_regions else "")),
-        ("Configurations", ", ".join(folder.plans.get("configurations", {}))),
+        ("Configurations", ", ".join(folder.plans.get("configurations", {})) or folder.configuration.name),
         ("Configuration", c.name + (f" (refines {c.previous_stage})" if c.previous_stage else "")),
         ("Folds", ", ".join(folder.available_folds("final")) or "none with checkpoint_final.pth"),
         ("Folds (best)", ", ".join(folder.available_folds("best")) or "none"),
-        ("Network", c.architecture["network_class_name"].rsplit(".", 1)[-1]),
+        ("Network", network_text(c.architecture, folder.trainer_name or "")),
         ("Patch size", " x ".join(str(p) for p in c.patch_size)),
         ("Spacing", " x ".join(f"{s:g}" for s in c.spacing) + " mm"),
         ("Normalization", ", ".join(c["normalization_schemes"])),

@@ -27,3 +27,24 @@ class Cancelled(SegmentError):
 
     def __init__(self, message="Cancelled by the user; nothing was written."):
         super().__init__(message)
+
+
+class SomeCasesFailed(SegmentError):
+    """Segmenting several files (the console's segmentFiles): some cases failed, the others were written.
+
+    `written` lists the files written, `failed` the (case, reason) of each case that was not; the message
+    is the reason itself when only one case was given, else the count and every case's reason."""
+
+    def __init__(self, written=(), failed=(), total: int = None):
+        self.written = [str(p) for p in written]
+        self.failed = [(str(case), str(reason)) for case, reason in failed]
+        self.total = len(self.failed) + len(self.written) if total is None else int(total)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        if self.total <= 1 and len(self.failed) == 1:
+            return self.failed[0][1]
+        reasons = " ".join(f"{case}: {reason.rstrip('.')}." for case, reason in self.failed)
+        kept = f"the other {self.total - len(self.failed)} were written" if self.total > len(self.failed) else \
+            "none was written"
+        return f"{len(self.failed)} of {self.total} cases could not be segmented ({kept}). {reasons}"

@@ -22,12 +22,13 @@ from .volume import label_dtype
 
 
 def export(logits: torch.Tensor, pre: Preprocessed, labels: Labels, transpose_backward, resampling: dict,
-           with_probabilities=False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """(label map, probabilities or None), both in the original (untransposed) array order."""
+           with_probabilities=False, given_probabilities=False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(label map, probabilities or None), both in the original (untransposed) array order.
+    given_probabilities: `logits` are already probabilities (nnU-Net v1 averages and resamples those)."""
     logits = logits.cpu().numpy()
     if with_probabilities:
         logits = resample(logits, pre.shape_after_cropping, pre.model_spacing, pre.spacing, **resampling)
-        probabilities = _probabilities(logits, labels)
+        probabilities = logits if given_probabilities else _probabilities(logits, labels)
         labelmap = _labels(logits, labels, probabilities)
     else:
         probabilities = None

@@ -37,6 +37,7 @@ from . import __version__
 from .devices import choose_device, release_memory
 from .errors import InputError, ModelError
 from .model import Model, _as_3d, _spacing_zyx
+from .modelfolder import NAMED_NETWORKS
 from .networks import architecture_for_trainer, build_network
 from .preprocessing import preprocess, resample_label_map
 from .progress import Progress
@@ -88,6 +89,7 @@ class FinetuneResult:
     stopped: str = ""                      # why training stopped before `iterations` ("" when it did not)
     budget_s: Optional[float] = None       # the time budget the run fitted (None: fixed iterations, no limit)
     timing: Dict[str, float] = field(default_factory=dict)  # where the seconds went (see finetune())
+    network: Dict[str, str] = field(default_factory=dict)   # the network family, and what of it was trained
 
     def provenance(self) -> dict:
         """Plain JSON for the version folder."""
@@ -97,7 +99,7 @@ class FinetuneResult:
                 "frozen": self.frozen, "device": self.device, "stopped": self.stopped,
                 "dice_before": self.dice_before, "dice_after": self.dice_after,
                 "final_loss": {f: (round(sum(v[-10:]) / len(v[-10:]), 4) if v else None) for f, v in self.losses.items()},
-                "engine": f"SegmentMBTFE {__version__}"}
+                "network": self.network, "engine": f"SegmentMBTFE {__version__}"}
 
 
 def finetune(model: Model, cases: Sequence[Case], validation: Sequence[Case] = (), settings: FinetuneSettings = None,
@@ -158,7 +160,7 @@ def finetune(model: Model, cases: Sequence[Case], validation: Sequence[Case] = (
         cases=[_describe(c) for c in cases], validation_cases=[_describe(c) for c in validation],
         dice_before=before, dice_after=after, parent=_parent(model),
         frozen=["encoder"] if settings.freeze_encoder else [], device=str(device), stopped=stopped, budget_s=budget,
-        timing={k: round(v, 2) for k, v in timing.items()})
+        timing={k: round(v, 2) for k, v in timing.items()}, network=_network_record(model))
 
 
 def budget_seconds(settings: FinetuneSettings, device) -> Optional[float]:
@@ -308,6 +310,7 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
     timing["forward_backward_s"] = timing.get("forward_backward_s", 0.0) + stepping
     network.decoder.deep_supervision = False
     state = {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
+    state.update(getattr(model, "training_only_weights", [{}] * (index + 1))[index])  # e.g. a VAE branch, unchanged
     return state, losses, stopped
 
 
@@ -327,11 +330,13 @@ class _Loss:
         self.regions = [tuple(int(v) for v in r) for _, r in labels.regions] if labels.has_regions else None
         self.ignore = int(labels.ignore_label) if labels.ignore_label is not None else None
         self.batch_dice = bool(model.configuration.get("batch_dice", True))
+        # UNet++'s heads are all full resolution and weighted equally, as its nnU-Net trainer does
+        self.equal = getattr(model.network, "deep_supervision_weighting", "") == "equal"
 
     def __call__(self, outputs, target: torch.Tensor) -> torch.Tensor:
         outputs = [outputs] if torch.is_tensor(outputs) else list(outputs)
-        weights = [1 / 2 ** i for i in range(len(outputs))]
-        if len(weights) > 1:
+        weights = [1.0 if self.equal else 1 / 2 ** i for i in range(len(outputs))]
+        if len(weights) > 1 and not self.equal:
             weights[-1] = 0.0
         total = sum(weights)
         loss = 0.0
@@ -549,6 +554,17 @@ def _checksum(array: np.ndarray) -> str:
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
     digest.update(array.tobytes())
     return digest.hexdigest()[:16]
+
+
+def _network_record(model: Model) -> Dict[str, str]:
+    """The network family, for the version's provenance; for SegResNetVAE, what became of its VAE branch."""
+    name = type(model.network).__name__
+    record = {"family": NAMED_NETWORKS.get(name, name)}
+    if name == "SegResNetVAE":
+        kept = any(getattr(model, "training_only_weights", None) or [])
+        record["vae_branch"] = ("not trained: fine-tuned with Dice + CE only, without the VAE branch; " +
+                                ("its weights are the parent's, unchanged" if kept else "the parent has none"))
+    return record
 
 
 def _parent(model: Model) -> Dict[str, str]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .backends import cpu_network
 from .checkpoint import load_checkpoint, load_weights
 from .devices import choose_device, device_plans, is_out_of_memory, release_memory
 from .errors import InputError, ModelError, OutOfMemory
@@ -25,7 +26,7 @@ from .export import export, export_map
 from .imageio import geometry_difference
 from .memory import network_bytes, prediction_bytes, refuse_unless_it_fits
 from .modelfolder import ModelFolder, checkpoint_filename
-from .networks import build_network, architecture_for_trainer
+from .networks import build_network, architecture_for_trainer, inference_weights
 from .postprocessing import apply_postprocessing
 from .preprocessing import preprocess, resampling_kwargs
 from .resampling import compute_new_shape
@@ -47,8 +48,31 @@ class Prediction:
     uncertainty: Optional[Dict[str, Volume]] = None  # "entropy", "confidence"[, "disagreement"]: see uncertainty.py
 
 
+@dataclass
+class CaseInProgress:
+    """One case between the stages of Model.predict: what prepare made and run_network adds."""
+    volume: Volume                                # the first channel: the output's geometry
+    pre: object                                   # preprocessing.Preprocessed (its data goes after the network)
+    device: torch.device
+    step_size: float
+    tta: bool
+    probabilities: bool
+    postprocess: bool
+    uncertainty: bool
+    reporter: Progress
+    messages: List[str]
+    needed_bytes: float                           # memory.py's estimate for this case
+    logits: Optional[torch.Tensor] = None
+    expected: Optional[torch.Tensor] = None       # the passes' mean entropy, with uncertainty
+
+
 class Model:
     """An nnU-Net v2 (or MBTFE-UNet) model folder with its selected folds' weights loaded."""
+    # The steps nnU-Net v1 computes differently; nnunet_v1.V1Model replaces them (and _read_checkpoint).
+    _preprocess = staticmethod(preprocess)
+    _sliding_window = staticmethod(predict_logits)
+    _export = staticmethod(export)
+    _maps_at_model_spacing = staticmethod(maps_at_model_spacing)
 
     def __init__(self, folder: ModelFolder, folds: Sequence = None, checkpoint: str = "final"):
         self.folder = folder
@@ -61,7 +85,7 @@ class Model:
         if missing:
             raise ModelError(f"Fold {', '.join(missing)} has no {checkpoint} checkpoint in {folder.path} "
                              f"(available: {', '.join(available) or 'none'}).")
-        checkpoints = [load_checkpoint(folder.checkpoint_path(f, checkpoint)) for f in self.folds]
+        checkpoints = [self._read_checkpoint(folder.checkpoint_path(f, checkpoint)) for f in self.folds]
         self.weights = [c["network_weights"] for c in checkpoints]
         # everything else each checkpoint holds (trainer name, init args, mirroring axes...), without the
         # optimizer state: a fine-tuned version is written from these so it loads wherever the original does
@@ -71,11 +95,16 @@ class Model:
         self.mirror_axes = _mirror_axes(checkpoints[0].get("inference_allowed_mirroring_axes"),
                                         len(self.configuration.patch_size))
         self.network = self._build_network(checkpoints[0])
+        self.backend = "torch"  # or "openvino", "auto": what runs the network on the CPU (backends.py)
+        self.backend_used = "torch"
         self.postprocessing = folder.postprocessing()
         self._checksum = None
         # a fold folder without the checkpoint (training stopped early, a copy cut short) is left out: say so
         self.notes = [f"{folder.path.name}/fold_{fold} has no {checkpoint_filename(checkpoint)} and was left out."
                       for fold in folder.fold_folders() if fold not in available] if not folds else []
+
+    def _read_checkpoint(self, path) -> dict:
+        return load_checkpoint(path)
 
     # -- what the model is -------------------------------------------------------------------------------
     @property
@@ -121,6 +150,10 @@ class Model:
                               f"The network described in {self.folder.path.name}/plans.json",
                               "the plans are probably damaged")
         network = build_network(architecture, n_in, self.labels.num_heads)
+        # weights only training uses (SegResNetVAE's VAE branch) are left out: a folder segments with or without them;
+        # fine-tuning carries them unchanged into the version, so it loads wherever the original does
+        full, self.weights = self.weights, [inference_weights(network, w) for w in self.weights]
+        self.training_only_weights = [{k: v for k, v in f.items() if k not in w} for f, w in zip(full, self.weights)]
         try:
             load_weights(network, self.weights[0], source)
         except ModelError as error:
@@ -146,7 +179,7 @@ class Model:
         """The same model holding other weights for its folds (a fine-tune's result before it is saved);
         this model and its files are untouched."""
         other = copy.copy(self)
-        other.weights = list(weights)
+        other.weights = [inference_weights(self.network, w) for w in weights]
         other.network = copy.deepcopy(self.network)
         other.network.load_state_dict(other.weights[0])
         other._checksum = "unsaved"
@@ -158,8 +191,20 @@ class Model:
                 uncertainty=False) -> Prediction:
         """Segment one case given as one Volume per model channel. Raises SegmentError subclasses only
         for user-facing problems (InputError, OutOfMemory, Cancelled). uncertainty: also the maps of
-        uncertainty.py (entropy; disagreement when TTA or several folds give several passes)."""
-        reporter = Progress(progress, cancel)
+        uncertainty.py (entropy; disagreement when TTA or several folds give several passes).
+
+        The three stages (prepare, run_network, finish) are also callable one by one, so a batch can
+        preprocess the next case and export the last one while the network works on this one."""
+        case = self.prepare(volumes, device, step_size, tta, probabilities, postprocess, previous_stage,
+                            Progress(progress, cancel), uncertainty)
+        self.run_network(case)
+        return self.finish(case)
+
+    def prepare(self, volumes: Sequence[Volume], device="auto", step_size=0.5, tta=True, probabilities=False,
+                postprocess=True, previous_stage: Optional[Volume] = None, reporter: Progress = None,
+                uncertainty=False) -> "CaseInProgress":
+        """The inputs checked and preprocessed (progress 0 to 0.05 of `reporter`)."""
+        reporter = reporter or Progress()
         volumes = self._check_inputs(volumes)
         if not 0 < step_size <= 1:
             raise InputError(f"The tile step must be in (0, 1]; got {step_size}.")
@@ -171,40 +216,52 @@ class Model:
                              f"({geometry_difference(volumes[0], previous_stage)}); give the "
                              f"{self.configuration.previous_stage} prediction made for this image.")
         device = choose_device(device) if not isinstance(device, torch.device) else device
-        self._refuse_unless_it_fits(volumes[0], probabilities)
+        needed = self._refuse_unless_it_fits(volumes[0], probabilities)
         reporter.report(0.0, "preprocessing")
-        pre = preprocess([_as_3d(v.array) for v in volumes], _spacing_zyx(volumes[0]), self.configuration,
+        pre = self._preprocess([_as_3d(v.array) for v in volumes], _spacing_zyx(volumes[0]), self.configuration,
                          self.folder.transpose_forward, self.folder.intensity_properties,
                          previous_stage.array if previous_stage is not None else None, self.labels.foreground_labels)
         messages: List[str] = [v.metadata[k] for v in volumes for k in ("warning", "note") if v.metadata.get(k)]
         messages += self.notes
-        passes = len(self.weights) * (1 + len(mirror_combinations(self.mirror_axes if tta else None)))
-        pass_entropy = _pass_entropy(self.labels.has_regions) if uncertainty and passes > 1 else None
+        return CaseInProgress(volumes[0], pre, device, step_size, tta, probabilities, postprocess, uncertainty,
+                              reporter, messages, needed)
+
+    def run_network(self, case: "CaseInProgress") -> None:
+        """The sliding window over the prepared case, every fold (progress 0.05 to 0.95)."""
+        passes = len(self.weights) * (1 + len(mirror_combinations(self.mirror_axes if case.tta else None)))
+        pass_entropy = _pass_entropy(self.labels.has_regions) if case.uncertainty and passes > 1 else None
         try:
-            logits, expected = self._ensemble_logits(torch.from_numpy(pre.data), device, step_size, tta,
-                                                     reporter.span(0.05, 0.95), messages, pass_entropy)
+            case.logits, case.expected = self._ensemble_logits(
+                torch.from_numpy(case.pre.data), case.device, case.step_size, case.tta,
+                case.reporter.span(0.05, 0.95), case.messages, pass_entropy)
         finally:  # give the GPU memory back: Slicer and other programs share it
             self.network.to("cpu")
-            release_memory(device)
-        pre.data = None  # the network's input is not needed any more: its memory goes before the export's
-        maps = maps_at_model_spacing(logits, expected, self.labels.has_regions) if uncertainty else {}
+            release_memory(case.device)
+        case.pre.data = None  # the network's input is not needed any more: its memory goes before the export's
+
+    def finish(self, case: "CaseInProgress") -> Prediction:
+        """The logits exported to the input's grid, postprocessed (progress 0.95 to 1)."""
+        pre, reporter, volume = case.pre, case.reporter, case.volume
+        maps = self._maps_at_model_spacing(case.logits, case.expected, self.labels.has_regions) \
+            if case.uncertainty else {}
         reporter.report(0.95, "exporting")
-        labelmap, probs = export(logits, pre, self.labels, self.folder.transpose_backward,
-                                 resampling_kwargs(self.configuration, "probabilities"), probabilities)
-        recipe = self.postprocessing if postprocess else None
+        labelmap, probs = self._export(case.logits, pre, self.labels, self.folder.transpose_backward,
+                                 resampling_kwargs(self.configuration, "probabilities"), case.probabilities)
+        case.logits = case.expected = None
+        recipe = self.postprocessing if case.postprocess else None
         if recipe:
             labelmap = apply_postprocessing(labelmap, recipe)
         resampling = resampling_kwargs(self.configuration, "probabilities")
         maps = {name: export_map(values, pre, self.folder.transpose_backward, resampling, OUTSIDE[name])
                 for name, values in maps.items()}
-        if volumes[0].array.ndim == 2:  # a plain 2D array in, a 2D label map out
+        if volume.array.ndim == 2:  # a plain 2D array in, a 2D label map out
             labelmap = labelmap[0]
             probs = probs[:, 0] if probs is not None else None
             maps = {name: values[0] for name, values in maps.items()}
         reporter.report(1.0, "done")
-        return Prediction(volumes[0].with_array(labelmap, name="segmentation"), self.labels.output_segments(), probs,
-                          self._settings(device, step_size, tta, bool(recipe)), messages,
-                          {name: volumes[0].with_array(values, name=name) for name, values in maps.items()} or None)
+        return Prediction(volume.with_array(labelmap, name="segmentation"), self.labels.output_segments(), probs,
+                          self._settings(case.device, case.step_size, case.tta, bool(recipe)), case.messages,
+                          {name: volume.with_array(values, name=name) for name, values in maps.items()} or None)
 
     @torch.inference_mode()
     def _ensemble_logits(self, data, device, step_size, tta, reporter, messages, pass_entropy=None):
@@ -214,9 +271,11 @@ class Model:
         for i, weights in enumerate(self.weights):
             fold_reporter = reporter.span(i / len(self.weights), (i + 1) / len(self.weights))
             self.network.load_state_dict(weights)
+            converted = cpu_network(self, i, device, messages)  # OpenVINO's, or None for torch (backends.py)
+            self.backend_used = "openvino" if converted is not None else "torch"
             prefix = f"fold {self.folds[i]} ({i + 1}/{len(self.weights)}): " if len(self.weights) > 1 else ""
             logits = self._logits_with_fallback(data, device, step_size, tta, fold_reporter, prefix, messages,
-                                                pass_entropy)
+                                                pass_entropy, converted)
             if pass_entropy:
                 logits, entropy = logits
                 expected = entropy if expected is None else expected.add_(entropy)
@@ -227,7 +286,8 @@ class Model:
                 expected /= len(self.weights)
         return total, expected
 
-    def _logits_with_fallback(self, data, device, step_size, tta, reporter, prefix, messages, pass_entropy=None):
+    def _logits_with_fallback(self, data, device, step_size, tta, reporter, prefix, messages, pass_entropy=None,
+                              converted=None):
         plans = device_plans(device)
         for attempt, plan in enumerate(plans):
             if plan.message:
@@ -235,11 +295,12 @@ class Model:
                 log.warning(plan.message)
                 reporter.report(0.0, plan.message)
             try:
-                network = self.network.to(plan.network)
+                on_cpu = converted is not None and plan.network.type == "cpu"
+                network = converted if on_cpu else self.network.to(plan.network)
                 features = self.configuration.architecture["arch_kwargs"].get("features_per_stage", [32])
                 batch = network_batch_size(self.configuration.patch_size, _first(features), plan.network)
                 with plan.autocast():
-                    result = predict_logits(
+                    result = self._sliding_window(
                         network, data, self.configuration.patch_size, self.labels.num_heads, step_size=step_size,
                         mirror_axes=self.mirror_axes if tta else None, device=plan.network,
                         results_device=plan.results, batch_size=batch, progress=_Prefixed(reporter, prefix),
@@ -255,8 +316,9 @@ class Model:
                 release_memory(plan.network)
         raise AssertionError("unreachable")
 
-    def _refuse_unless_it_fits(self, volume: Volume, probabilities: bool):
-        """Refuse a case whose arrays would not fit in memory, before allocating them (see memory.py)."""
+    def _refuse_unless_it_fits(self, volume: Volume, probabilities: bool) -> float:
+        """Refuse a case whose arrays would not fit in memory, before allocating them (see memory.py);
+        else the estimate, in bytes."""
         array_shape = _as_3d(volume.array).shape
         shape = [array_shape[t] for t in self.folder.transpose_forward]
         spacing = [_spacing_zyx(volume)[t] for t in self.folder.transpose_forward]
@@ -269,6 +331,7 @@ class Model:
         refuse_unless_it_fits(needed, f"Segmenting {volume.name or 'this image'} with {self.name} (patch "
                               f"{' x '.join(str(p) for p in self.configuration.patch_size)})",
                               "use a smaller image or check the model's plans.json")
+        return needed
 
     def _check_inputs(self, volumes: Sequence[Volume]) -> List[Volume]:
         if isinstance(volumes, Volume):
@@ -288,7 +351,8 @@ class Model:
         return {"model": self.name, "model_path": str(self.folder.path), "configuration": self.configuration.name,
                 "trainer": self.trainer_name, "folds": ",".join(self.folds), "checkpoint": self.checkpoint_name,
                 "checksum": self.checksum(), "tta": bool(tta and self.mirror_axes), "step_size": step_size,
-                "device": str(device), "postprocessing": postprocessed, "engine": f"SegmentMBTFE {__version__}"}
+                "device": str(device), "postprocessing": postprocessed, "engine": f"SegmentMBTFE {__version__}",
+                "backend": self.backend_used}
 
 
 class _Prefixed:
@@ -364,5 +428,9 @@ def _spacing_zyx(volume: Volume):
 
 
 def load_model(path, configuration: str = None, folds: Sequence = None, checkpoint: str = "final") -> Model:
-    """Load an nnU-Net v2 model folder (trained configuration folder, or the dataset folder above it)."""
+    """Load an nnU-Net v2 model folder (trained configuration folder, or the dataset folder above it), or an
+    nnU-Net v1 one (nnunet_v1.py)."""
+    from .nnunet_v1 import is_v1_folder, load_v1_model
+    if is_v1_folder(path):
+        return load_v1_model(path, configuration, folds, checkpoint)
     return Model(ModelFolder(path, configuration), folds, checkpoint)

@@ -11,7 +11,8 @@ all (a zip bomb), all before a byte is written. Only the model's folder is unpac
 size its entry declares.
 
 nnU-Net v1's zips (`nnUNet/3d_fullres/Task004_Hippocampus/nnUNetTrainerV2__nnUNetPlansv2.1/`, with plans.pkl and
-fold_N/model_final_checkpoint.model) are recognised and refused with a sentence: the engine reads v2 models.
+fold_N/model_final_checkpoint.model(.pkl)) are unpacked from the folder above their configurations (`nnUNet/`),
+so every configuration of the one task they hold is added (nnunet_v1.py reads them).
 
     plan = read_plan("Dataset004.zip")          # ModelError (one sentence) for anything unsafe or not a model
     root = unpack("Dataset004.zip", plan, into)  # the model's folder, inside `into`
@@ -68,8 +69,12 @@ def read_plan(source) -> ZipPlan:
     if total > MAX_UNPACKED_BYTES:
         raise ModelError(f"Refusing {source.name}: it would unpack to {_gb(total)}, more than the "
                          f"{_gb(MAX_UNPACKED_BYTES)} a model zip may hold.")
-    root, trained = _model_root(source, [p for p, e in members.items() if not e.is_dir()])
-    name = _name(root) if root and not trained else source.stem
+    files = [p for p, e in members.items() if not e.is_dir()]
+    root, trained = _model_root(source, files)
+    if _is_v1(files):
+        name = _v1_task(files) or (_name(root) if root else source.stem)
+    else:
+        name = _name(root) if root and not trained else source.stem
     return ZipPlan(source, members, root, trained, name, total)
 
 
@@ -129,8 +134,7 @@ def _safe_path(source: Path, entry: zipfile.ZipInfo) -> str:
 def _model_root(source: Path, files: List[str]):
     """(root, trained): the dataset folder above the trained folders (nnU-Net's export), or one trained folder."""
     if _is_v1(files):
-        raise ModelError(f"{source.name} is an nnU-Net v1 model zip (plans.pkl, model_final_checkpoint.model); "
-                         "only nnU-Net v2 models can be added.")
+        return _v1_root(source, files)
     trained = sorted({_parent(f) for f in files if _name(f) == "plans.json" and _has_weights(_parent(f), files)})
     if not trained:
         raise ModelError(f"{source.name} holds no nnU-Net model: no folder in it has plans.json, dataset.json "
@@ -165,6 +169,33 @@ def _is_v1(files: List[str]) -> bool:
     names = {_name(f) for f in files}
     return any(n.endswith(".model") for n in names) and \
         any(n == "plans.pkl" or n.endswith("_plans_3D.pkl") or n.endswith("_plans_2D.pkl") for n in names)
+
+
+def _v1_trained(files: List[str]) -> List[str]:
+    """Folders holding fold_N/ or all/ with a .model.pkl: v1's trained folders."""
+    return sorted({_parent(_parent(f)) for f in files if f.endswith(".model.pkl") and
+                   (_name(_parent(f)).startswith("fold_") or _name(_parent(f)) == "all")})
+
+
+def _v1_task(files: List[str]) -> str:
+    tasks = {_name(_parent(t)) for t in _v1_trained(files) if _name(_parent(t)).startswith("Task")}
+    return tasks.pop() if len(tasks) == 1 else ""
+
+
+def _v1_root(source: Path, files: List[str]):
+    """(root, trained) of a v1 zip: the folder holding the configuration folders, or one trained folder."""
+    from .nnunet_v1 import CONFIGURATIONS
+    trained = _v1_trained(files)
+    if not trained:
+        raise ModelError(f"{source.name} holds nnU-Net v1 files but no trained model (no fold_N/ or all/ with "
+                         "model_final_checkpoint.model.pkl).")
+    roots = {_parent(_parent(_parent(t))) if _name(_parent(_parent(t))) in CONFIGURATIONS else t for t in trained}
+    tasks = {_name(_parent(t)) for t in trained if _name(_parent(_parent(t))) in CONFIGURATIONS}
+    if len(roots) > 1 or len(tasks) > 1:
+        raise ModelError(f"{source.name} holds several models ({', '.join(sorted(tasks or roots))}); unpack it and "
+                         "add each model folder.")
+    root = roots.pop()
+    return (root, True) if root in trained else (root, False)
 
 
 def _copy_member(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, target: Path, zip_name: str) -> None:

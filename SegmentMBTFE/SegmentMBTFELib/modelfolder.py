@@ -14,7 +14,9 @@ from .errors import ModelError
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 _FOLD = re.compile(r"^fold_(\d+|all)$")
-NAMED_NETWORKS = {"MBTFEUNet": "MBTFE-UNet"}  # networks named in a model's name
+# networks named in a model's name (nnU-Net's own are not): class name in the plans -> what people call it
+NAMED_NETWORKS = {"MBTFEUNet": "MBTFE-UNet", "UNetPlusPlus": "UNet++", "SegResNetVAE": "SegResNetVAE",
+                  "UNet3D": "3D U-Net"}
 
 
 def read_json(path: Path) -> dict:
@@ -317,6 +319,15 @@ class ModelFolder:
         if "3d_fullres" in names:
             return "3d_fullres"
         raise ModelError(f"Say which configuration to use: {', '.join(names)}.")
+
+
+def open_model_folder(path, configuration: Optional[str] = None):
+    """The model folder at `path`: a ModelFolder, or for nnU-Net v1 folders a V1ModelFolder (nnunet_v1.py),
+    which has the same interface."""
+    from .nnunet_v1 import V1ModelFolder, is_v1_folder
+    if is_v1_folder(path):
+        return V1ModelFolder(path, configuration)
+    return ModelFolder(path, configuration)
 
 
 def _channel_number(key) -> int:

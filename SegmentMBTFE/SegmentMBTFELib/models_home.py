@@ -27,7 +27,8 @@ from typing import List, Optional
 
 from . import model_zips
 from .errors import ModelError
-from .modelfolder import NAMED_NETWORKS, ModelFolder, find_trained_folder
+from .modelfolder import NAMED_NETWORKS, find_trained_folder, open_model_folder
+from .nnunet_v1 import is_v1_folder, is_v1_trained_folder, v1_trained_folders
 from .shipped import shipped_models
 from .versions import versions_home
 
@@ -112,7 +113,7 @@ def describe(path, name: str = None, source: str = REGISTERED) -> InstalledModel
     try:
         trained = _trained_folders(path)
         model.configurations = [_configuration(folder) for folder in trained]
-        first = ModelFolder(trained[0])
+        first = open_model_folder(trained[0])
         model.channels = first.channel_names
         model.labels = [label for _, label in first.labels.output_segments()]
     except (ModelError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -125,7 +126,8 @@ def describe(path, name: str = None, source: str = REGISTERED) -> InstalledModel
 
 def suggested_name(path: Path) -> str:
     """A name from the folder: the dataset folder's (also for a trained folder inside one), made safe."""
-    folder = path.parent if len(path.name.split("__")) == 3 and path.parent.name else path
+    trained = len(path.name.split("__")) == 3 or is_v1_trained_folder(path)
+    folder = path.parent if trained and path.parent.name else path
     safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", folder.name).lstrip("._+-")[:100]
     return safe or "model"
 
@@ -189,7 +191,8 @@ def _add_copy(source: Path, name: str) -> InstalledModel:
             shutil.copytree(source, copy)
         except (shutil.Error, OSError) as error:
             raise ModelError(f"Could not copy {source}: {_copy_reason(error)}.") from None
-        return _place(copy, (source / "plans.json").is_file(), source.name, work, name, source.name)
+        trained = (source / "plans.json").is_file() or is_v1_trained_folder(source)
+        return _place(copy, trained, source.name, work, name, source.name)
 
 
 def _place(root: Path, trained: bool, trained_name: str, work: Path, name: str, given: str) -> InstalledModel:
@@ -325,6 +328,8 @@ def _by_name(entry: dict) -> str:
 # -- describing ----------------------------------------------------------------------------------------------------
 
 def _trained_folders(path: Path) -> List[Path]:
+    if is_v1_folder(path):  # nnU-Net v1: the trained folders anywhere below (nnUNet/<configuration>/TaskXXX/...)
+        return v1_trained_folders(path)
     if (path / "plans.json").is_file() or not path.is_dir():
         return [find_trained_folder(path, None)]
     trained = sorted(d for d in path.iterdir() if d.is_dir() and (d / "plans.json").is_file())
@@ -332,8 +337,9 @@ def _trained_folders(path: Path) -> List[Path]:
 
 
 def _configuration(trained: Path) -> TrainedConfiguration:
-    folder = ModelFolder(trained)
+    folder = open_model_folder(trained)
     network = str(folder.configuration.architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
+    network = "Generic_UNet (nnU-Net v1)" if getattr(folder, "nnunet_version", 2) == 1 else network
     folds = folder.available_folds("final") or folder.available_folds("best")
     return TrainedConfiguration(folder.configuration_name, trained, folder.name, NAMED_NETWORKS.get(network, network),
                                 folds)

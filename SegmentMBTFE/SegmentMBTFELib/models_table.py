@@ -5,7 +5,20 @@ in place of its details, so a broken download or a moved folder shows up here ra
 """
 from typing import List
 
+from .modelfolder import NAMED_NETWORKS
 from .models_home import InstalledModel, size_text
+
+# The options each network family keeps in its plans (networks/families.py, networks/mbtfe.py), shown by `models info`.
+FAMILY_OPTIONS = {
+    "MBTFEUNet": ("mbtfe_norm", "eab", "eab_gate"),
+    "UNetPlusPlus": ("prune_depth",),
+    "SegResNetVAE": ("blocks_down", "blocks_up", "vae", "vae_input_size", "vae_latent", "vae_kl_weight",
+                     "vae_l2_weight"),
+    "UNet3D": ("channel_doubling",),
+}
+# Trainers whose network differs from plain plans (a folder whose plans.json is the planner's, not the trainer's)
+TRAINER_NETWORKS = {"nnUNetTrainerUNetPlusPlus": "UNetPlusPlus", "nnUNetTrainerSegResNetVAE": "SegResNetVAE",
+                    "nnUNetTrainerUNet3D": "UNet3D"}
 
 HEADER = ("NAME", "FROM", "NETWORK", "CHANNELS", "LABELS", "CONFIGURATIONS (FOLDS)", "SIZE", "FOLDER")
 _LABELS_WIDTH = 40
@@ -37,3 +50,20 @@ def _labels(labels: List[str]) -> str:
     if len(text) <= _LABELS_WIDTH:
         return text
     return text[:_LABELS_WIDTH - 12].rsplit(", ", 1)[0] + f", ... ({len(labels)})"
+
+
+def network_text(architecture: dict, trainer_name: str = "") -> str:
+    """The network family and the options its plans state, for `models info`: 'UNet++ (UNetPlusPlus; prune_depth:
+    None)', 'SegResNetVAE (SegResNetVAE; GroupNorm 8 groups; blocks_down: [1, 2, 2, 4]; ...)', 'PlainConvUNet'."""
+    name = str(architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
+    if name not in FAMILY_OPTIONS and trainer_name in TRAINER_NETWORKS:
+        family = TRAINER_NETWORKS[trainer_name]
+        return f"{NAMED_NETWORKS[family]} ({family}, by the trainer's name; options: the trainer's defaults)"
+    if name not in NAMED_NETWORKS:
+        return name
+    kwargs = architecture.get("arch_kwargs") or {}
+    parts = [name]
+    if str(kwargs.get("norm_op", "")).endswith("GroupNorm"):
+        parts.append(f"GroupNorm {(kwargs.get('norm_op_kwargs') or {}).get('num_groups')} groups")
+    parts += [f"{key}: {kwargs[key]}" for key in FAMILY_OPTIONS.get(name, ()) if key in kwargs]
+    return f"{NAMED_NETWORKS[name]} ({'; '.join(parts)})"

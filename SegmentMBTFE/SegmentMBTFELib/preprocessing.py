@@ -28,15 +28,8 @@ class Preprocessed:
 def preprocess(channels: List[np.ndarray], spacing_zyx, configuration: Configuration, transpose_forward,
                intensity_properties: dict, previous_stage: Optional[np.ndarray] = None,
                foreground_labels=()) -> Preprocessed:
-    data = np.stack([np.asarray(c, dtype=np.float32) for c in channels])
-    data = data.transpose([0, *(t + 1 for t in transpose_forward)])
-    spacing = [float(spacing_zyx[t]) for t in transpose_forward]
-    shape_before = data.shape[1:]
-
-    nonzero = binary_fill_holes(np.any(data != 0, axis=0))
-    bbox = bounding_box(nonzero)
+    data, nonzero, spacing, shape_before, bbox = transpose_and_crop(channels, spacing_zyx, transpose_forward)
     crop = tuple(slice(lo, hi) for lo, hi in bbox)
-    data, nonzero = data[(slice(None),) + crop], nonzero[crop]
     shape_after_cropping = data.shape[1:]
 
     target = configuration.spacing
@@ -49,6 +42,19 @@ def preprocess(channels: List[np.ndarray], spacing_zyx, configuration: Configura
         data = np.concatenate([data, _previous_stage_channels(previous_stage, transpose_forward, crop, new_shape,
                                                                spacing, target, configuration, foreground_labels)])
     return Preprocessed(data, shape_before, bbox, shape_after_cropping, spacing, list(target))
+
+
+def transpose_and_crop(channels: List[np.ndarray], spacing_zyx, transpose_forward):
+    """The channels stacked in float32, in the plans' axis order, cropped to the box of non-zero voxels (holes
+    filled), as nnU-Net v1 and v2 both start: (data, its non-zero mask, spacing, shape before cropping, box)."""
+    data = np.stack([np.asarray(c, dtype=np.float32) for c in channels])
+    data = data.transpose([0, *(t + 1 for t in transpose_forward)])
+    spacing = [float(spacing_zyx[t]) for t in transpose_forward]
+    shape_before = data.shape[1:]
+    nonzero = binary_fill_holes(np.any(data != 0, axis=0))
+    bbox = bounding_box(nonzero)
+    crop = tuple(slice(lo, hi) for lo, hi in bbox)
+    return data[(slice(None),) + crop], nonzero[crop], spacing, shape_before, bbox
 
 
 def bounding_box(mask: np.ndarray) -> List[List[int]]:

@@ -56,45 +56,54 @@ def open_model(model_path, version: str = None, configuration: str = None, folds
 
 def predict(model, version, volumes, device="auto", step_size: float = 0.5, tta: bool = True,
             probabilities: bool = False, postprocess: bool = True, previous_stage=None, progress=None,
-            cancel=None, uncertainty: bool = False):
-    """model.predict, with the version recorded in the prediction's provenance when it is not the original."""
-    from .versions import ORIGINAL
+            cancel=None, uncertainty: bool = False, backend: str = "torch"):
+    """model.predict, with the version recorded in the prediction's provenance when it is not the original.
+    backend: what runs the network on the CPU: torch, openvino or auto (OpenVINO when installed; backends.py)."""
+    from .backends import use_backend
+    use_backend(model, backend)
     prediction = model.predict(volumes, device=device, step_size=step_size, tta=tta, probabilities=probabilities,
                                postprocess=postprocess, previous_stage=previous_stage, progress=progress,
                                cancel=cancel, uncertainty=uncertainty)
-    if version is not None and version.id != ORIGINAL:  # recorded in .seg.nrrd files and segmentation nodes
+    return with_version(prediction, version)
+
+
+def with_version(prediction, version):
+    """The version recorded in the prediction's provenance (.seg.nrrd files, segmentation nodes) when it is
+    not the original."""
+    from .versions import ORIGINAL
+    if version is not None and version.id != ORIGINAL:
         prediction.settings["version"] = version.id
     return prediction
 
 
 def segment_files(model, version, cases: Sequence, output_dir, device="auto", step_size: float = 0.5,
                   tta: bool = True, progress=None, cancel=None, file_format: str = "seg.nrrd",
-                  messages: list = None) -> List[Path]:
+                  messages: list = None, backend: str = "torch") -> List[Path]:
     """Segment image files or DICOM folders (one path, or a list of channel paths, per case) into
     output_dir/<case>.seg.nrrd, or the extension of `file_format` ('dicom-seg': <case>.dcm, 'nifti', '.nrrd'...);
     returns the files written. `messages` collects the cases' notes (which DICOM series was read, ...).
-    A case that fails stops the batch; the cases written before it stay."""
-    from .imageio import read_channels
-    from .progress import Progress
-    from .writers import check_output, output_extension, write_prediction
-    extension = output_extension(file_format)
+
+    As the command line's batch (batch.run_batch, reading and writing beside the network): a case that
+    fails does not stop the others; when any failed, SomeCasesFailed is raised once all were tried, with
+    the files written and each failed case's reason (its message is the reason itself for a single case).
+    Existing outputs are replaced. Cancel stops at once (Cancelled); the cases written before it stay."""
+    from .backends import check_backend
+    from .batch import FAILED, BatchSettings, Case, flag_name_clashes, run_batch
+    from .errors import SomeCasesFailed
+    from .writers import output_extension
+    settings = BatchSettings(output_extension(file_format), overwrite=True, device=device, step_size=step_size,
+                             tta=tta, backend=check_backend(backend))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    cases = [[p] if isinstance(p, (str, Path)) else list(p) for p in cases]
-    reporter = Progress(progress, cancel)
-    written = []
-    for index, channels in enumerate(cases):
-        case = reporter.span(index / len(cases), (index + 1) / len(cases))
-        name = case_name(channels[0])
-        prefix = f"{name} ({index + 1}/{len(cases)}): "
-        volumes = read_channels(channels, model.channel_names)
-        output = output_dir / f"{name}{extension}"
-        check_output(output, channels, volumes[0])  # a DICOM SEG of a NIfTI, ...: refused before the work
-        prediction = predict(model, version, volumes, device, step_size, tta,
-                             progress=lambda fraction, text: case.report(fraction, prefix + text), cancel=cancel)
-        written += write_prediction(prediction, output)
-        if messages is not None:
-            messages += [f"{name}: {message}" for message in prediction.messages]
+    channels = [[p] if isinstance(p, (str, Path)) else list(p) for p in cases]
+    batch = flag_name_clashes([Case(case_name(c[0]), [Path(p) for p in c]) for c in channels])
+    results = run_batch(model, version, batch, output_dir, settings, progress=progress, cancel=cancel)
+    written = [Path(r.output) for r in results if r.status != FAILED]
+    if messages is not None:
+        messages += [f"{r.case}: {note}" for r in results for note in r.notes if note != "bug"]
+    failed = [(r.case, r.reason) for r in results if r.status == FAILED]
+    if failed:
+        raise SomeCasesFailed(written, failed, len(results))
     return written
 
 

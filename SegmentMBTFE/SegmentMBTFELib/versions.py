@@ -554,6 +554,10 @@ def _trained_folder(path: Path, configuration: Optional[str]) -> Path:
     try:
         return find_trained_folder(path, configuration)
     except ModelError as error:
+        from .nnunet_v1 import is_v1_folder  # a v1 folder predicts as it is, but has no versions (yet)
+        if is_v1_folder(path):
+            raise _Unidentified(f"{path.name} is an nnU-Net v1 model, which can segment but not be fine-tuned "
+                                f"or versioned here; retrain it with nnU-Net v2 to fine-tune it.") from None
         raise _Unidentified(str(error)) from None
 
 

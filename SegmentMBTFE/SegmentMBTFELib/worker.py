@@ -22,7 +22,8 @@ Replies, one JSON object per line on stdout (nothing else is written there: prin
   {"type": "ready", "protocol": 1, "pid": ..., "python": ..., "torch": ...}
   {"id": 3, "type": "progress", "fraction": 0.42, "stage": "tile 3 of 27", "tile": 3, "tiles": 27}
   {"id": 3, "type": "fallback", "message": "GPU memory ran out; retrying ..."}
-  {"id": 3, "type": "result", ...}     what the command made (see the _segment, ... functions)
+  {"id": 3, "type": "result", ...}     what the command made (see the _segment, ... functions; segment_files
+                                       lists the cases that failed, with their reasons, beside the files written)
   {"id": 3, "type": "error", "class": "ModelError", "message": "one sentence"[, "details": traceback]}
   {"id": 3, "type": "cancelled"}
   {"type": "exit", "reason": "idle" | "shutdown" | "input closed"}
@@ -187,7 +188,7 @@ def _segment(worker: Worker, request: dict, progress, cancel) -> dict:
                                 options.get("folds"), options.get("checkpoint", "final"), cache=worker.models)
     prediction = predict(model, version, volumes, options.get("device", "auto"), options.get("step_size", 0.5),
                          options.get("tta", True), progress=progress, cancel=cancel,
-                         uncertainty=bool(options.get("uncertainty")))
+                         uncertainty=bool(options.get("uncertainty")), backend=options.get("backend", "torch"))
     result = {"labels": exchange.write_array(folder, "labels", prediction.labels.array),
               "segments": [[int(value), str(name)] for value, name in prediction.segments],
               "settings": prediction.settings, "messages": prediction.messages,
@@ -201,16 +202,23 @@ def _segment(worker: Worker, request: dict, progress, cancel) -> dict:
 
 
 def _segment_files(worker: Worker, request: dict, progress, cancel) -> dict:
+    """Files to files; the cases that failed come back in "failed" ([case, reason] each) beside the others."""
+    from .errors import SomeCasesFailed
     from .tasks import open_model, segment_files
     options = request.get("options") or {}
     progress(0.0, "loading the model")
     model, version = open_model(request["model"], options.get("version"), options.get("configuration"),
                                 options.get("folds"), options.get("checkpoint", "final"), cache=worker.models)
-    messages = []
-    written = segment_files(model, version, request["cases"], request["output_dir"], options.get("device", "auto"),
-                            options.get("step_size", 0.5), options.get("tta", True), progress, cancel,
-                            request.get("format") or "seg.nrrd", messages)
-    return {"written": [str(path) for path in written], "messages": messages}
+    messages, failed = [], []
+    try:
+        written = segment_files(model, version, request["cases"], request["output_dir"],
+                                options.get("device", "auto"), options.get("step_size", 0.5), options.get("tta", True),
+                                progress, cancel, request.get("format") or "seg.nrrd", messages,
+                                options.get("backend", "torch"))
+    except SomeCasesFailed as error:  # the module raises it again, with the same written files and reasons
+        written, failed = error.written, error.failed
+    return {"written": [str(path) for path in written], "failed": [list(f) for f in failed],
+            "cases": len(request["cases"]), "messages": messages}
 
 
 def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:

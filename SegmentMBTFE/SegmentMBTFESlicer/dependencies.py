@@ -102,8 +102,9 @@ def ensure(confirm: Callable[[str], bool], pip_install: Callable[[List[str]], No
     others = [r for r in status.missing if r.module != TORCH.module]
     if any(r.module == TORCH.module for r in status.missing):
         install_torch(torch_utils)
-    if others:
-        pip_install(pip_arguments(others))
+    if others:  # the constraints file lives only as long as pip needs it
+        with tempfile.TemporaryDirectory(prefix="SegmentMBTFE-") as folder:
+            pip_install(pip_arguments(others, folder))
 
 
 _installing = [False]  # an install pumps Qt events (pip, PyTorchUtils): a second one must not start meanwhile
@@ -136,13 +137,13 @@ def install_torch(torch_utils) -> None:
                               "Install it from the PyTorch Utils module, then click Segment again.")
 
 
-def pip_arguments(requirements: List[Requirement], constraints_dir: str = None) -> List[str]:
-    """pip arguments installing `requirements` with every already-installed PINNED package held in place."""
+def pip_arguments(requirements: List[Requirement], constraints_dir: str) -> List[str]:
+    """pip arguments installing `requirements` with every already-installed PINNED package held in place
+    (by a constraints file written into `constraints_dir`)."""
     constraints = constraints_text()
     arguments = [r.specifier for r in requirements]
     if constraints:
-        folder = constraints_dir or tempfile.mkdtemp(prefix="SegmentMBTFE-")
-        path = os.path.join(folder, "constraints.txt")
+        path = os.path.join(constraints_dir, "constraints.txt")
         with open(path, "w") as f:
             f.write(constraints)
         arguments += ["--constraint", path]

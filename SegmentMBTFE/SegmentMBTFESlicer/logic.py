@@ -16,7 +16,7 @@ import tempfile
 import slicer
 
 from SegmentMBTFELib import exchange
-from SegmentMBTFELib.errors import Cancelled
+from SegmentMBTFELib.errors import Cancelled, SomeCasesFailed
 
 from . import jobs, runner, uncertainty_display
 
@@ -65,7 +65,11 @@ def segment_files(paths, model_path: str, output_dir, options: runner.Options, p
                   file_format: str = "seg.nrrd") -> list:
     """Image files or DICOM folders (a path, or a list of channel paths, per case) to output_dir/<case>.seg.nrrd
     (or the extension of `file_format`: 'dicom-seg' writes <case>.dcm); the scene is not touched. Returns the
-    files written; the cases' notes (which DICOM series was read, ...) go to the log."""
+    files written; the cases' notes (which DICOM series was read, ...) go to the log.
+
+    A case that fails does not stop the others (as the command line's batch): once every case was tried,
+    SomeCasesFailed is raised when any failed; its .written lists the files written, its .failed each
+    failed case with its reason (each also logged), and its message is the reason itself for a single case."""
     from pathlib import Path
     jobs.claim("segmentation")
     cases = [[str(p)] if isinstance(p, (str, Path)) else [str(c) for c in p] for p in paths]
@@ -78,6 +82,11 @@ def segment_files(paths, model_path: str, output_dir, options: runner.Options, p
 def _written_files(message: dict, folder) -> list:
     for note in message.get("messages") or []:
         log.info("SegmentMBTFE: %s", note)
+    failed = [(str(case), str(reason)) for case, reason in message.get("failed") or []]
+    for case, reason in failed:
+        log.error("SegmentMBTFE: %s was not segmented: %s", case, reason)
+    if failed:
+        raise SomeCasesFailed(message["written"], failed, message.get("cases"))
     return list(message["written"])
 
 

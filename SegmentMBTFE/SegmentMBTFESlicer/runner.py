@@ -33,11 +33,13 @@ class Options:
     checkpoint: str = "final"
     show3d: bool = True
     uncertainty: bool = False           # also the uncertainty maps and the per-segment table
+    backend: str = "torch"              # what runs the network on the CPU: torch, openvino, auto
 
     def request(self) -> dict:
         """The worker's options for these settings."""
         return {"device": self.device, "tta": bool(self.tta), "step_size": float(self.step_size),
-                "folds": self.folds, "checkpoint": self.checkpoint, "uncertainty": bool(self.uncertainty)}
+                "folds": self.folds, "checkpoint": self.checkpoint, "uncertainty": bool(self.uncertainty),
+                "backend": self.backend}
 
 
 def fold_list(folds) -> Optional[List[str]]:

@@ -8,6 +8,7 @@ from functools import partial
 from torch import nn
 
 from ..errors import ModelError
+from .families import FAMILIES, TRAINER_FAMILIES, checkpoint_family, inference_architecture, inference_weights  # noqa: F401
 from .mbtfe import MBTFEUNet, TRAINER_OPTIONS, checkpoint_architecture, is_mbtfe_checkpoint
 from .unet import PlainConvUNet, ResidualEncoderUNet
 
@@ -17,11 +18,12 @@ NETWORKS = {
     "PlainConvUNet": PlainConvUNet,
     "ResidualEncoderUNet": ResidualEncoderUNet,
     "MBTFEUNet": MBTFEUNet,
+    **{name: family.network for name, family in FAMILIES.items()},  # UNet++, SegResNetVAE, 3D U-Net (families.py)
 }
 
 # Layer classes plans may name in `_kw_requires_import` entries.
 LAYERS = {cls.__name__: cls for cls in (
-    nn.Conv2d, nn.Conv3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.Conv2d, nn.Conv3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm,
     nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.LeakyReLU, nn.ReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU)}
 
 # Arguments of dynamic-network-architectures that change nothing we rebuild (or only their default).
@@ -86,7 +88,10 @@ TRAINERS.update({name: partial(checkpoint_architecture, defaults=options) for na
 def architecture_for_trainer(trainer_name: str, architecture: dict, checkpoint: dict = None) -> dict:
     """The architecture of the network that `checkpoint` (nnU-Net's dict, optional) holds weights for."""
     transform = TRAINERS.get(trainer_name)
-    if transform is None and is_mbtfe_checkpoint(checkpoint):
+    family = checkpoint_family(trainer_name, architecture, checkpoint) if transform is None else None
+    if family:  # UNet++, SegResNetVAE, 3D U-Net: by trainer name, the plans, or the plans inside the checkpoint
+        transform = partial(inference_architecture, family)
+    elif transform is None and is_mbtfe_checkpoint(checkpoint):
         transform = checkpoint_architecture  # a subclass of an MBTFE trainer, or the original MBTFE code
     try:
         return transform(architecture, checkpoint) if transform else architecture

@@ -81,7 +81,8 @@ class ResidualEncoder(_Encoder):
 class UNetDecoder(nn.Module):
     """Transposed conv up, concatenate the skip, convolve with the skip stage's kernel, 1x1 segmentation head."""
 
-    def __init__(self, encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=False):
+    def __init__(self, encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=False,
+                 kernel_sizes=None):
         super().__init__()
         self.deep_supervision = deep_supervision
         self.encoder = encoder
@@ -95,7 +96,8 @@ class UNetDecoder(nn.Module):
             stride = encoder.strides[-s]
             transpconvs.append(transpconv_op(below, skip, stride, stride, bias=encoder.conv_bias))
             stages.append(StackedConvBlocks(
-                n_convs[s - 1], encoder.conv_op, 2 * skip, skip, encoder.kernel_sizes[-(s + 1)], 1,
+                n_convs[s - 1], encoder.conv_op, 2 * skip, skip,
+                kernel_sizes[s - 1] if kernel_sizes else encoder.kernel_sizes[-(s + 1)], 1,
                 encoder.conv_bias, encoder.norm_op, encoder.norm_op_kwargs, encoder.dropout_op,
                 encoder.dropout_op_kwargs, encoder.nonlin, encoder.nonlin_kwargs, nonlin_first))
             seg_layers.append(encoder.conv_op(skip, num_classes, 1, 1, 0, bias=True))
@@ -119,13 +121,15 @@ class PlainConvUNet(nn.Module):
     def __init__(self, input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                  n_conv_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias=False, norm_op=None,
                  norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None, nonlin_kwargs=None,
-                 deep_supervision=False, nonlin_first=False):
+                 deep_supervision=False, nonlin_first=False, decoder_kernel_sizes=None):
+        """decoder_kernel_sizes: one kernel per decoder stage, deepest first, where they differ from the skip
+        stages' (nnU-Net v1's Generic_UNet convolves decoder step u with conv_kernel_sizes[-(u + 1)])."""
         super().__init__()
         self.encoder = PlainConvEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                         n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                         dropout_op_kwargs, nonlin, nonlin_kwargs, nonlin_first)
         self.decoder = UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                   nonlin_first)
+                                   nonlin_first, decoder_kernel_sizes)
 
     def forward(self, x):
         return self.decoder(self.encoder(x))

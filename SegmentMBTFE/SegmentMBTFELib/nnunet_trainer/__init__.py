@@ -11,6 +11,8 @@ trainers themselves live only in `trainer.py` here, so training and the engine s
 Trainers (options in `networks.mbtfe.TRAINER_OPTIONS`): nnUNetTrainerMBTFE (instance norm, EAB with the
 attention gate), nnUNetTrainerMBTFE_BN (BatchNorm in MBTFE, as the original code), nnUNetTrainerMBTFE_noEAB,
 nnUNetTrainerMBTFE_blendGate. Subclass any of them (e.g. to change the epochs) and the options carry over.
+`family_trainers.py` (shim `shim/nnUNetTrainerNetworks.py`, registered alongside): nnUNetTrainerUNetPlusPlus,
+nnUNetTrainerSegResNetVAE, nnUNetTrainerUNet3D (networks/families.py).
 
 nnunetv2 is imported only by `trainer.py`, which only nnU-Net imports: the engine, and this package's
 registration commands, never need it.

@@ -8,7 +8,8 @@ import sys
 from . import registration
 
 COMMANDS = {
-    "register": "copy the MBTFE trainers into the installed nnunetv2 (nnUNetv2_train -tr nnUNetTrainerMBTFE); "
+    "register": "copy the MBTFE, UNet++, SegResNetVAE and 3D U-Net trainers into the installed nnunetv2 "
+                "(nnUNetv2_train -tr nnUNetTrainerMBTFE, nnUNetTrainerUNetPlusPlus, ...); "
                 "with --ext-trainer print the nnUNet_extTrainer line instead",
     "unregister": "remove them from the installed nnunetv2",
     "status": "say whether they are registered, and where",
@@ -20,7 +21,7 @@ def _register(args):
     if args.ext_trainer:  # nothing is written: eval "$(segment-mbtfe nnunet-trainer register --ext-trainer)"
         print(registration.external_trainer_line())
         return
-    print(f"Registered the MBTFE trainers: {registration.register()}")
+    print(f"Registered the MBTFE, UNet++, SegResNetVAE and 3D U-Net trainers: {registration.register()}")
 
 
 def _unregister(args):
@@ -54,7 +55,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> None:
     """`nnunet-trainer ...` as a subcommand of another command line (e.g. segment-mbtfe's)."""
-    add_commands(subparsers.add_parser("nnunet-trainer", help="register the MBTFE trainers with nnU-Net v2"))
+    add_commands(subparsers.add_parser("nnunet-trainer", help="register the MBTFE, UNet++, SegResNetVAE and 3D U-Net "
+                                                              "trainers with nnU-Net v2"))
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,8 @@ from pathlib import Path
 from ..errors import SegmentError
 
 SHIM = Path(__file__).resolve().parent / "shim" / "nnUNetTrainerMBTFE.py"
+# Every module registration copies: MBTFE-UNet's, then UNet++'s, SegResNetVAE's and the 3D U-Net's trainers.
+SHIMS = (SHIM, SHIM.with_name("nnUNetTrainerNetworks.py"))
 MARKER = "segment-mbtfe-trainer-shim"
 
 
@@ -75,39 +77,47 @@ def _check_reads_external_trainers() -> None:
 
 
 def is_registered() -> bool:
-    path = registered_path()
-    return path.is_file() and path.read_text(errors="replace") == SHIM.read_text()
+    folder = trainer_folder()
+    return all((folder / shim.name).is_file() and (folder / shim.name).read_text(errors="replace") == shim.read_text()
+               for shim in SHIMS)
 
 
 def register() -> Path:
-    """Writes (or updates) the trainer module in nnunetv2's trainer folder; returns its path."""
-    target = registered_path()
-    _check_ours(target)
+    """Writes (or updates) the trainer modules in nnunetv2's trainer folder; returns the MBTFE module's path."""
+    folder = trainer_folder()
+    for shim in SHIMS:
+        _check_ours(folder / shim.name)
+    for shim in SHIMS:
+        _write(shim, folder / shim.name)
+    return folder / SHIM.name
+
+
+def _write(shim: Path, target: Path) -> None:
     partial = target.with_suffix(".partial")
     try:  # write then rename: nnU-Net's search never imports a half-written file
-        partial.write_text(SHIM.read_text())
+        partial.write_text(shim.read_text())
         os.replace(partial, target)
     except OSError as error:
         partial.unlink(missing_ok=True)
         raise RegistrationError(f"Cannot write {target} ({error.strerror}). Run with write access to the "
                                 f"nnunetv2 installation, or set nnUNet_extTrainer={external_trainer_folder()} "
                                 "(recent nnunetv2 releases) instead.") from None
-    return target
 
 
 def unregister() -> bool:
-    """Removes the trainer module (and its compiled copies); False if it was not registered."""
-    target = registered_path()
-    if not target.exists():
-        return False
-    _check_ours(target)
-    try:
-        target.unlink()
-        for compiled in (target.parent / "__pycache__").glob(f"{target.stem}.*.pyc"):
-            compiled.unlink()
-    except OSError as error:
-        raise RegistrationError(f"Cannot remove {target} ({error.strerror}).") from None
-    return True
+    """Removes the trainer modules (and their compiled copies); False if none was registered."""
+    targets = [trainer_folder() / shim.name for shim in SHIMS]
+    present = [t for t in targets if t.exists()]
+    for target in present:
+        _check_ours(target)
+    for target in present:
+        try:
+            target.unlink()
+            for compiled in (target.parent / "__pycache__").glob(f"{target.stem}.*.pyc"):
+                compiled.unlink()
+        except OSError as error:
+            raise RegistrationError(f"Cannot remove {target} ({error.strerror}).") from None
+    return bool(present)
 
 
 def _check_ours(path: Path) -> None:

@@ -5,6 +5,7 @@ PyTorch extension's `PyTorchUtilsLogic.installTorch`) exist only inside Slicer, 
 for them; what they are asked to do (arguments, constraints file) is checked exactly.
 """
 import importlib.metadata
+import os
 
 import pytest
 
@@ -16,10 +17,12 @@ ABSENT = Requirement("segmentmbtfe_absent_module", "segmentmbtfe-absent-package"
 
 class Recorder:
     def __init__(self, answer=True):
-        self.calls, self.answer = [], answer
+        self.calls, self.answer, self.constraints = [], answer, []
 
     def __call__(self, *args, **kwargs):
         self.calls.append((args, kwargs))
+        if args and "--constraint" in args[0]:  # what pip would read, while it runs
+            self.constraints.append(open(args[0][args[0].index("--constraint") + 1]).read())
         return self.answer
 
 
@@ -53,9 +56,10 @@ def test_missing_packages_are_installed_with_slicers_packages_pinned(tmp_path):
     assert "segmentmbtfe-absent-package" in confirm.calls[0][0][0]
     [((arguments,), _)] = pip.calls
     assert arguments[:3] == ["segmentmbtfe-absent-package>=1.0", "--constraint", arguments[2]]
-    pinned = open(arguments[2]).read().split()
+    pinned = pip.constraints[0].split()
     for name in ("numpy", "scipy", "SimpleITK", "torch"):
         assert f"{name}=={importlib.metadata.version(name)}" in pinned  # pip may not replace them
+    assert not os.path.exists(os.path.dirname(arguments[2]))  # the constraints' folder is gone afterwards
 
 
 def test_nothing_is_installed_when_the_user_declines():
