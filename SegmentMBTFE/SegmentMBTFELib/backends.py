@@ -6,11 +6,12 @@ Why it is not the default: its results are less exact where a tile is nearly con
 instance normalisation divides the tiny spread of such a tile by itself, and OpenVINO's float32 convolutions
 and normalisation, exact enough elsewhere (labels equal to torch's and nnU-Net's on real hippocampus cases),
 then differ from float64 by up to 0.17 in the logits where torch stays within 3e-5. On the 512 x 512 x 300 CT
-through the nearly untrained 25-label benchmark model that changed 1% of the labels. The network is the one torch built and loaded:
-`openvino.convert_model` traces it with an example batch of tiles, once per fold's weights. The converted
-network is kept with the loaded model (tasks.ModelCache keeps models, so the Slicer worker converts once) and
-saved under the versions home's cache/openvino/, so a fresh command reads it in a fraction of a second instead
-of converting again. The GPU always runs torch.
+through the nearly untrained 25-label benchmark model that changed 1% of the labels.
+
+The network is the one torch built and loaded: `openvino.convert_model` traces it with an example batch of
+tiles, once per fold's weights. The converted network is kept with the loaded model (tasks.ModelCache keeps
+models, so the Slicer worker converts once) and saved under the versions home's cache/openvino/, so a fresh
+command reads it in a fraction of a second instead of converting again. The GPU always runs torch.
 
 Precision is float32, asked for explicitly: on CPUs with AVX512_BF16 or AMX OpenVINO picks bfloat16 by
 itself, which changed 0.03% of the argmax of the shipped model's logits here, above the 0.01% parity floor.

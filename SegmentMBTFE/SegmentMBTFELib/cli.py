@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                               "or, with -o a folder, a folder of cases (or several case files)")
     predict.add_argument("-o", "--output", required=True,
                          help="label map to write: .nii.gz, .nii, .nrrd, .mha, .seg.nrrd for Slicer segments, or .dcm "
-                              "for a DICOM SEG (DICOM input; needs the [dicom] extra); or a folder: one output per case, with manifest.csv and manifest.json")
+                              "for a DICOM SEG (DICOM input; needs the [dicom] extra); or a folder: one output per "
+                              "case, with manifest.csv and manifest.json")
     predict.add_argument("-c", "--configuration", help="2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres")
     predict.add_argument("-f", "--folds", nargs="+", help="folds to ensemble (default: all present)")
     predict.add_argument("--checkpoint", default="final", help="final (default), best, or a .pth file name")
@@ -347,8 +348,8 @@ def _predict_batch(args):
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir, [name for _, name in model.labels.output_segments()], args.parts, args.part)
     settings = BatchSettings(args.format, args.overwrite, args.device, args.step, not args.no_tta,
-                             args.probabilities, not args.no_postprocessing, overlap={"on": True, "off": False}.get(args.overlap),
-                             backend=args.backend)
+                             args.probabilities, not args.no_postprocessing,
+                             overlap={"on": True, "off": False}.get(args.overlap), backend=args.backend)
     bar = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     try:
         if args.dask or devices:

@@ -219,8 +219,9 @@ class Model:
         needed = self._refuse_unless_it_fits(volumes[0], probabilities)
         reporter.report(0.0, "preprocessing")
         pre = self._preprocess([_as_3d(v.array) for v in volumes], _spacing_zyx(volumes[0]), self.configuration,
-                         self.folder.transpose_forward, self.folder.intensity_properties,
-                         previous_stage.array if previous_stage is not None else None, self.labels.foreground_labels)
+                               self.folder.transpose_forward, self.folder.intensity_properties,
+                               previous_stage.array if previous_stage is not None else None,
+                               self.labels.foreground_labels)
         messages: List[str] = [v.metadata[k] for v in volumes for k in ("warning", "note") if v.metadata.get(k)]
         messages += self.notes
         return CaseInProgress(volumes[0], pre, device, step_size, tta, probabilities, postprocess, uncertainty,
@@ -246,7 +247,7 @@ class Model:
             if case.uncertainty else {}
         reporter.report(0.95, "exporting")
         labelmap, probs = self._export(case.logits, pre, self.labels, self.folder.transpose_backward,
-                                 resampling_kwargs(self.configuration, "probabilities"), case.probabilities)
+                                       resampling_kwargs(self.configuration, "probabilities"), case.probabilities)
         case.logits = case.expected = None
         recipe = self.postprocessing if case.postprocess else None
         if recipe:
