@@ -89,15 +89,20 @@ def big_ct(path: Path, slices: int) -> Path:
     series = ref.DEFAULT_DATA_DIR / "formats" / "totalsegmentator" / "example_ct_dicom"
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
-    one = reader.Execute()
+    sitk.WriteImage(stack_along_z(reader.Execute(), slices), str(path))
+    return path
+
+
+def stack_along_z(one, slices: int):
+    """`one` (a SimpleITK image) repeated along z to `slices` slices, as int16, in its geometry."""
+    import SimpleITK as sitk
     block = sitk.GetArrayFromImage(one)
     stacked = np.concatenate([block] * -(-slices // len(block)))[:slices]
     image = sitk.GetImageFromArray(stacked.astype(np.int16))
     image.SetSpacing(one.GetSpacing())
     image.SetOrigin(one.GetOrigin())
     image.SetDirection(one.GetDirection())
-    sitk.WriteImage(image, str(path))
-    return path
+    return image
 
 
 def measured(command) -> dict:
