@@ -410,13 +410,22 @@ def _run_worker(command: str, request: dict, root: Path, *, log_dir: Path, timeo
     request_file = log_dir / f"{command}_request.json"
     request_file.write_text(json.dumps(request, indent=1))
     env = dict(os.environ, **_nnunet_environment(root, results_root or root, building=command != "predict"))
+    run_reference_script(Path(__file__), command, request_file, env, log_dir, timeout, NnunetReferenceError,
+                         "nnunetv2")
+
+
+def run_reference_script(script: Path, command: str, request_file: Path, env: dict, log_dir: Path,
+                         timeout: float, error: type, package: str) -> None:
+    """`python script command request_file` with `env`, its output in log_dir/<command>.log; `error` (with the
+    log's tail) when it fails. Shared with nnunet_v1_reference.py, whose nnU-Net also reads its folders from
+    the environment at import time."""
     log_file = log_dir / f"{command}.log"
     with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), command, str(request_file)],
+        proc = subprocess.run([sys.executable, str(script.resolve()), command, str(request_file)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
         tail = log_file.read_text(errors="replace")[-6000:]
-        raise NnunetReferenceError(f"nnunetv2 `{command}` failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+        raise error(f"{package} `{command}` failed (exit {proc.returncode}); log {log_file}:\n{tail}")
 
 
 def _nnunet_environment(root: Path, results_root: Path, building: bool) -> dict:

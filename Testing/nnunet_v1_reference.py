@@ -36,7 +36,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -164,13 +163,9 @@ def _run_worker(command: str, request: dict, root: Path, log_dir: Path, timeout:
     env = dict(os.environ, nnUNet_raw_data_base=str(root / "nnUNet_raw_data_base"),
                nnUNet_preprocessed=str(root / "nnUNet_preprocessed"), RESULTS_FOLDER=str(root / "RESULTS_FOLDER"),
                MPLBACKEND="Agg", OMP_NUM_THREADS="1", nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1")
-    log_file = log_dir / f"{command}.log"
-    with open(log_file, "w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), command, str(request_file)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        tail = log_file.read_text(errors="replace")[-6000:]
-        raise NnunetV1ReferenceError(f"nnunet v1 `{command}` failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+    from nnunet_reference import run_reference_script  # standard library only, like this file
+    run_reference_script(Path(__file__), command, request_file, env, log_dir, timeout, NnunetV1ReferenceError,
+                         "nnunet v1")
 
 
 # ----------------------------------------------------------------------------------------------------------
