@@ -59,11 +59,11 @@ def console_segment_matches_batch(test):
     """Console API: segment() puts the same labels into named segments as segmentFiles() writes to a file"""
     logic, volume = _logic(), _volume()
     node = logic.segment(volume, model=str(model_folder()), tta=False, show3D=False)
-    folder = tempfile.mkdtemp(prefix="SegmentMBTFETest-")
-    image = os.path.join(folder, "SelfTestVolume.nrrd")
-    _save(volume, image)
-    [written] = logic.segmentFiles([image], model=str(model_folder()), outputDir=folder, tta=False)
-    expected = _read_segmentation(written)
+    with tempfile.TemporaryDirectory(prefix="SegmentMBTFETest-") as folder:  # a self-test leaves no files
+        image = os.path.join(folder, "SelfTestVolume.nrrd")
+        _save(volume, image)
+        [written] = logic.segmentFiles([image], model=str(model_folder()), outputDir=folder, tta=False)
+        expected = _read_segmentation(written)
     segments = node.GetSegmentation()
     test.assertEqual([segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())],
                      ["anterior", "posterior"])
@@ -127,11 +127,12 @@ def finetune_writes_a_new_version(test):
                                                          volume)
     checkpoint = (folder / "fold_0" / "checkpoint_final.pth").read_bytes()
     home = os.environ.get("SEGMENTMBTFE_HOME")
-    os.environ["SEGMENTMBTFE_HOME"] = tempfile.mkdtemp(prefix="SegmentMBTFETest-versions-")  # not the user's
-    try:
-        run = logic.finetune(node, volume, model=str(folder), iterations=2)
-    finally:
-        os.environ.pop("SEGMENTMBTFE_HOME") if home is None else os.environ.update(SEGMENTMBTFE_HOME=home)
+    with tempfile.TemporaryDirectory(prefix="SegmentMBTFETest-versions-") as versions:  # not the user's
+        os.environ["SEGMENTMBTFE_HOME"] = versions
+        try:
+            run = logic.finetune(node, volume, model=str(folder), iterations=2)
+        finally:
+            os.environ.pop("SEGMENTMBTFE_HOME") if home is None else os.environ.update(SEGMENTMBTFE_HOME=home)
     test.assertEqual((run.version.id, run.version.current, run.parent), ("v1", True, "original"))
     test.assertTrue(run.dice_text().startswith("Dice before "))
     test.assertEqual((folder / "fold_0" / "checkpoint_final.pth").read_bytes(), checkpoint)

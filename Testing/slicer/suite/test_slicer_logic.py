@@ -1,7 +1,9 @@
 """The console and batch API (SegmentMBTFELogic), the node <-> Volume conversion, and the in-Slicer self-test,
 all on the real Slicer core with real files."""
 import math
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +145,9 @@ def test_replacing_keeps_segment_ids_places_and_other_models(slicer_app, scene, 
 def test_the_in_slicer_self_test_passes_here(module, scene, widget, tiny_model):
     """SegmentMBTFETest is what Slicer runs; it needs no download (it writes a tiny model)."""
     from SegmentMBTFELib.models_home import installed
+    leftovers = lambda: set(Path(tempfile.gettempdir()).glob("SegmentMBTFETest-*"))  # noqa: E731
+    before = leftovers()
     test = module.SegmentMBTFETest()
     test.runTest()
     assert {m.source for m in installed()} == {"shipped"}  # its temporary model is not left in the list
+    assert leftovers() == before  # nor its temporary files
