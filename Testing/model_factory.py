@@ -232,8 +232,8 @@ def make_cascade(root) -> Path:
 def perturbed_version(model_path: Path, shift: float):
     """A version written by ModelVersions.add from real perturbed weights (no training: fast)."""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.finetune import FinetuneResult, FinetuneSettings
-    from SegmentMBTFELib.versions import ModelVersions, resolve
+    from SegmentMBTFELib.models.versions import ModelVersions, resolve
+    from SegmentMBTFELib.training.finetune import FinetuneResult, FinetuneSettings
     folder, _ = resolve(model_path)
     loaded = load_model(folder)
     weights = {f: {k: v + shift if v.is_floating_point() else v for k, v in w.items()}

@@ -171,7 +171,7 @@ NETWORK_KINDS = {k.name: k for net, trainer in NETWORK_TRAINERS.items() for k in
 )}
 # SegmentMBTFE's trainer shims, the folder nnU-Net searches through nnUNet_extTrainer, and the code they train
 ENGINE_DIR = Path(__file__).resolve().parents[1] / "SegmentMBTFE" / "SegmentMBTFELib"
-SHIM_DIR = ENGINE_DIR / "nnunet_trainer" / "shim"
+SHIM_DIR = ENGINE_DIR / "training" / "nnunet_trainer" / "shim"
 
 
 # Kinds for benchmarks only (the tests do not build them): the many-label CT of benchmarks/bench_big_ct.py.
@@ -250,7 +250,8 @@ def _reference_version() -> str:
 
 def _trainer_source_hash() -> str:
     """Identifies the engine's network and trainer code, which SegmentMBTFE's trainers train."""
-    files = sorted((ENGINE_DIR / "networks").glob("*.py")) + sorted((ENGINE_DIR / "nnunet_trainer").glob("*.py"))
+    files = sorted((ENGINE_DIR / "networks").glob("*.py"))
+    files += sorted((ENGINE_DIR / "training" / "nnunet_trainer").glob("*.py"))
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
 

@@ -729,7 +729,7 @@ def _many_labels(ctx):
 
     def check():
         assert sitk.GetArrayFromImage(sitk.ReadImage(str(nifti))).dtype == np.uint16
-        from SegmentMBTFELib.segfile import read_seg_nrrd
+        from SegmentMBTFELib.io.segfile import read_seg_nrrd
         labels, segments, _ = read_seg_nrrd(ctx.out / "seg.seg.nrrd")
         assert len(segments) == 299 and segments[-1].name == "structure 299" and labels.array.dtype == np.uint16
     assert ctx.run(predict(ctx, "-i", ctx.image, model=model, output="many.nii.gz"))[0] == 0

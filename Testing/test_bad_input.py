@@ -24,7 +24,7 @@ from safety_catalogue import malicious_model
 from terminal import interrupt_when
 from SegmentMBTFELib import Cancelled, InputError, load_model
 from SegmentMBTFELib import cli
-from SegmentMBTFELib.imageio import read_volume
+from SegmentMBTFELib.io.images import read_volume
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HIPPO_IMAGE = DATA / "hippocampus" / "train" / "images" / "hippocampus_001.nii.gz"

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from hostile_files import smooth_volume, write_dicom_series, write_image
 from terminal import interrupt_when
 from SegmentMBTFELib import cli
-from SegmentMBTFELib.batch import find_cases
+from SegmentMBTFELib.batch.folder import find_cases
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -180,7 +180,7 @@ def test_the_pipeline_reads_one_ahead_and_writes_one_behind_and_keeps_the_order(
     network works on case i, never further ahead; without room, each case runs alone."""
     import threading
     import time
-    from SegmentMBTFELib.overlap import run_in_stages
+    from SegmentMBTFELib.batch.overlap import run_in_stages
     log, lock = [], threading.Lock()
 
     def stage(name, pause):
@@ -217,7 +217,7 @@ def test_overlapped_outputs_are_those_of_the_sequential_run(models, tmp_path):
     """Real files through run_batch both ways: the same label maps, the same manifest rows but the times,
     progress that never goes back, and every case's stages reported."""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.batch import BatchSettings, run_batch
+    from SegmentMBTFELib.batch.folder import BatchSettings, run_batch
     folder = cases_folder(tmp_path, 3)
     (folder / "broken.nii.gz").write_bytes(b"not an image")
     cases, _ = find_cases([folder], ["CT"])
@@ -242,7 +242,7 @@ def test_overlapped_outputs_are_those_of_the_sequential_run(models, tmp_path):
 def test_cancel_in_the_network_writes_the_case_before_and_not_the_one_read_ahead(models, tmp_path):
     import threading
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.batch import BatchSettings, Manifest, run_batch
+    from SegmentMBTFELib.batch.folder import BatchSettings, Manifest, run_batch
     from SegmentMBTFELib.errors import Cancelled
     cases, _ = find_cases([cases_folder(tmp_path, 4)], ["CT"])
     out, cancel = tmp_path / "out", threading.Event()
@@ -278,7 +278,7 @@ def test_two_worker_processes_share_the_cases_and_write_one_manifest(models, tmp
     assert [r["notes"] for r in rows] == ["worker 1 of 2 (cpu)", "worker 2 of 2 (cpu)", "worker 1 of 2 (cpu)",
                                           "worker 2 of 2 (cpu)", "worker 1 of 2 (cpu)"]
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     model = load_model(models["one"])
     for i in (0, 1):  # one case of each worker: as this process segments it
         expected = model.predict([read_volume(folder / f"case{i}.nii.gz")], tta=False).labels.array
@@ -290,7 +290,7 @@ def test_two_worker_processes_share_the_cases_and_write_one_manifest(models, tmp
 
 
 def test_worker_devices_are_checked_in_one_sentence(models, good_image, tmp_path, capsys):
-    from SegmentMBTFELib.distribute import worker_devices
+    from SegmentMBTFELib.batch.distribute import worker_devices
     assert worker_devices("cpu", 3) == ["cpu"] * 3 and worker_devices("auto", None, "cpu,cpu") == ["cpu", "cpu"]
     assert worker_devices("auto") == [] and worker_devices("cpu", 1) == []  # no GPUs here: this process segments
     for option, line in ((["--workers", "0"], "error: --workers must be 1 or more; got 0."),

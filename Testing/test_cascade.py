@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 import model_factory
 from SegmentMBTFELib import InputError, load_model
-from SegmentMBTFELib.imageio import read_volume
+from SegmentMBTFELib.io.images import read_volume
 from SegmentMBTFELib.volume import Volume
 
 @pytest.fixture

@@ -19,10 +19,11 @@ import torch
 
 import model_factory
 from terminal import interrupt_when
-from SegmentMBTFELib import cli, load_model, shipped
+from SegmentMBTFELib import cli, load_model
 from SegmentMBTFELib.errors import ModelError
-from SegmentMBTFELib.segfile import read_seg_nrrd
-from SegmentMBTFELib.versions import VERSION_FILE, ModelVersions
+from SegmentMBTFELib.io.segfile import read_seg_nrrd
+from SegmentMBTFELib.models import shipped
+from SegmentMBTFELib.models.versions import VERSION_FILE, ModelVersions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus" / "train"
 needs_data = pytest.mark.skipif(not (DATA / "images" / "hippocampus_001.nii.gz").is_file(),

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 
 from hostile_files import smooth_volume, write_image
 from SegmentMBTFELib import cli, load_model
-from SegmentMBTFELib.distribute import DASK_INSTALL, worker_counts
-from SegmentMBTFELib.imageio import read_volume
+from SegmentMBTFELib.batch.distribute import DASK_INSTALL, worker_counts
+from SegmentMBTFELib.io.images import read_volume
 
 distributed = pytest.importorskip("distributed", reason="the distributed package is not installed "
                                                          "(Testing/requirements.txt)")

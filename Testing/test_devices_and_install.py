@@ -16,8 +16,8 @@ import torch
 
 import model_factory
 from SegmentMBTFELib import OutOfMemory, load_model
-from SegmentMBTFELib import model as model_module
-from SegmentMBTFELib.devices import DevicePlan
+from SegmentMBTFELib.inference import model as model_module
+from SegmentMBTFELib.inference.devices import DevicePlan
 from SegmentMBTFELib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,12 +16,12 @@ import SimpleITK as sitk
 
 import model_factory
 from SegmentMBTFELib import load_model
-from SegmentMBTFELib.dicom_seg import INSTALL
-from SegmentMBTFELib.imageio import read_volume
-from SegmentMBTFELib.segfile import read_seg_nrrd
+from SegmentMBTFELib.io.dicom_seg import INSTALL
+from SegmentMBTFELib.io.images import read_volume
+from SegmentMBTFELib.io.segfile import read_seg_nrrd
+from SegmentMBTFELib.io.terminology import terminology_for
+from SegmentMBTFELib.io.writers import write_prediction
 from SegmentMBTFELib.tasks import segment_files
-from SegmentMBTFELib.terminology import terminology_for
-from SegmentMBTFELib.writers import write_prediction
 
 hd = pytest.importorskip("highdicom", reason="highdicom is not installed (the [dicom] extra)")
 pydicom = pytest.importorskip("pydicom")
@@ -125,7 +125,7 @@ def test_uids_made_for_an_anonymised_series_are_the_same_each_time_and_said(mess
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not available")
 def test_a_series_with_its_uids_keeps_them_and_its_segments_carry_the_seg_nrrd_modifiers(tmp_path):
     """Real MR slices, hippocampus labels: the codes with their Anterior/Posterior modifiers, the study's UIDs."""
-    from SegmentMBTFELib.dicom_seg import write_dicom_seg
+    from SegmentMBTFELib.io.dicom_seg import write_dicom_seg
     series = DATA / "hippocampus" / "dicom" / "11_HCropVolume"
     image = read_volume(series)
     labels = image.with_array((image.array > np.percentile(image.array, 60)).astype(np.uint8)

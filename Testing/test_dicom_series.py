@@ -15,8 +15,8 @@ import SimpleITK as sitk
 
 from hostile_files import write_dicom_series
 from SegmentMBTFELib.errors import InputError
-from SegmentMBTFELib.imageio import read_channels, read_volume
-from SegmentMBTFELib.modality import channel_modality, modality
+from SegmentMBTFELib.io.images import read_channels, read_volume
+from SegmentMBTFELib.models.modality import channel_modality, modality
 from SegmentMBTFELib.volume import DICOM_SOURCE_FILES
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

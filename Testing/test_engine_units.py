@@ -19,15 +19,15 @@ from scipy.ndimage import binary_fill_holes, gaussian_filter, map_coordinates
 
 import model_factory
 from SegmentMBTFELib import Cancelled, InputError, ModelError, load_model
-from SegmentMBTFELib.checkpoint import load_checkpoint
-from SegmentMBTFELib.devices import choose_device
-from SegmentMBTFELib.modelfolder import Configuration, Labels, resolve_configuration
+from SegmentMBTFELib.inference.devices import choose_device
+from SegmentMBTFELib.inference.postprocessing import keep_largest_component
+from SegmentMBTFELib.inference.preprocessing import bounding_box, normalize
+from SegmentMBTFELib.inference.resampling import compute_new_shape, nearest_indices, resample, separate_z_axis
+from SegmentMBTFELib.inference.sliding_window import gaussian_weights, pad_to_patch, tile_starts
+from SegmentMBTFELib.models.checkpoint import load_checkpoint
+from SegmentMBTFELib.models.folder import Configuration, Labels, resolve_configuration
 from SegmentMBTFELib.networks import build_network
-from SegmentMBTFELib.postprocessing import keep_largest_component
-from SegmentMBTFELib.preprocessing import bounding_box, normalize
 from SegmentMBTFELib.progress import Progress
-from SegmentMBTFELib.resampling import compute_new_shape, nearest_indices, resample, separate_z_axis
-from SegmentMBTFELib.sliding_window import gaussian_weights, pad_to_patch, tile_starts
 from SegmentMBTFELib.volume import Volume
 
 NNUNET_MISSING = "nnunetv2 is not installed"
@@ -607,7 +607,7 @@ def test_numpy_2_checkpoints_load_under_numpy_1_26(monkeypatch):
     find the scalar type under numpy 1's name then. Checked for real in a numpy 1.26 environment; here the
     module layout is reproduced."""
     import types
-    from SegmentMBTFELib.shipped import default_model
+    from SegmentMBTFELib.models.shipped import default_model
     monkeypatch.setattr(np, "_core", types.ModuleType("numpy._core"), raising=False)
     checkpoint = load_checkpoint(default_model() / "fold_0" / "checkpoint_final.pth")
     assert checkpoint["network_weights"]

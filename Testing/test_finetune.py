@@ -1,4 +1,4 @@
-"""Fine-tuning (SegmentMBTFELib.finetune): it learns, leaves the original alone, repeats with a seed,
+"""Fine-tuning (SegmentMBTFELib.training.finetune): it learns, leaves the original alone, repeats with a seed,
 freezes what it is told to, refuses bad cases, cancels, and trains with nnU-Net's own loss.
 
 Small model folders from model_factory (tiny PlainConvUNet, random weights) keep these fast; the cases
@@ -18,8 +18,8 @@ import torch
 
 from model_factory import make_model_folder
 from SegmentMBTFELib import Cancelled, InputError, load_model, read_volume
-from SegmentMBTFELib.shipped import default_model
-from SegmentMBTFELib.finetune import Case, FinetuneSettings, _Loss, budget_seconds, dice_per_label, finetune
+from SegmentMBTFELib.models.shipped import default_model
+from SegmentMBTFELib.training.finetune import Case, FinetuneSettings, _Loss, budget_seconds, dice_per_label, finetune
 from SegmentMBTFELib.volume import Volume
 
 FAST = dict(evaluate=False, batch_size=2)
@@ -155,7 +155,7 @@ def test_by_default_the_run_fits_a_time_budget(tiny, cases):
 
 
 def test_cases_are_drawn_in_rounds(tiny, cases):
-    from SegmentMBTFELib.finetune import _PatchSampler, _training_data
+    from SegmentMBTFELib.training.finetune import _PatchSampler, _training_data
     model = load_model(tiny)
     data = [_training_data(model, c) for c in cases]
     sampler = _PatchSampler(model, data, torch.device("cpu"), np.random.default_rng(0))
@@ -200,7 +200,7 @@ def test_bad_cases_get_one_clear_message(tiny, cases):
 
 
 def test_dice_per_label_follows_nnunet():
-    from SegmentMBTFELib.modelfolder import Labels
+    from SegmentMBTFELib.models.folder import Labels
     labels = Labels({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}})
     truth = np.array([0, 1, 1, 2, 3, 3])
     predicted = np.array([0, 1, 2, 2, 1, 0])

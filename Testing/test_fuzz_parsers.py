@@ -26,9 +26,9 @@ import model_factory
 from hostile_files import smooth_volume
 from SegmentMBTFELib import cli, load_model
 from SegmentMBTFELib.errors import SegmentError
-from SegmentMBTFELib.postprocessing import apply_postprocessing, postprocessing_steps
-from SegmentMBTFELib.segfile import Segment, read_seg_nrrd, write_seg_nrrd
-from SegmentMBTFELib.versions import VERSION_FILE, ModelVersions, resolve
+from SegmentMBTFELib.inference.postprocessing import apply_postprocessing, postprocessing_steps
+from SegmentMBTFELib.io.segfile import Segment, read_seg_nrrd, write_seg_nrrd
+from SegmentMBTFELib.models.versions import VERSION_FILE, ModelVersions, resolve
 from SegmentMBTFELib.volume import Volume
 
 pytestmark = pytest.mark.timeout(600)

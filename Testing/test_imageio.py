@@ -19,8 +19,8 @@ import pytest
 import SimpleITK as sitk
 
 from SegmentMBTFELib.errors import InputError, SegmentError
-from SegmentMBTFELib.imageio import (SUPPORTED_EXTENSIONS, atomic_output, is_dicom_folder, read_channels,
-                                     read_volume, write_volume)
+from SegmentMBTFELib.io.images import (SUPPORTED_EXTENSIONS, atomic_output, is_dicom_folder, read_channels,
+                                       read_volume, write_volume)
 from SegmentMBTFELib.volume import Volume
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -409,7 +409,7 @@ def test_disk_full_leaves_no_file(tmp_path):
         import resource, signal
         import numpy as np
         from SegmentMBTFELib.errors import SegmentError
-        from SegmentMBTFELib.imageio import write_volume
+        from SegmentMBTFELib.io.images import write_volume
         from SegmentMBTFELib.volume import Volume
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))

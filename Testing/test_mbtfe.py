@@ -24,11 +24,11 @@ import torch
 import model_factory
 import nnunet_reference as ref
 from SegmentMBTFELib import ModelError, load_model
-from SegmentMBTFELib.checkpoint import load_weights
+from SegmentMBTFELib.models.checkpoint import load_weights
 from SegmentMBTFELib.networks import architecture_for_trainer, build_network
 from SegmentMBTFELib.networks import mbtfe as mbtfe_module
 from SegmentMBTFELib.networks.mbtfe import TRAINER_OPTIONS, MBTFEUNet, mbtfe_architecture
-from SegmentMBTFELib.nnunet_trainer import registration
+from SegmentMBTFELib.training.nnunet_trainer import registration
 
 TRAINER = "nnUNetTrainerMBTFE"
 MBTFE_UNITS = ["1", "3", "5_1", "5_2", "7_1", "7_2", "7_3"]
@@ -273,7 +273,7 @@ def test_shim_exports_every_trainer():
 
 
 def test_command_line(capsys):
-    from SegmentMBTFELib.nnunet_trainer.commands import main
+    from SegmentMBTFELib.training.nnunet_trainer.commands import main
     assert main(["path"]) == 0
     assert capsys.readouterr().out.strip() == str(registration.external_trainer_folder())
     assert main([]) == 2  # no command: the help
@@ -287,7 +287,7 @@ import json, sys
 import nnunetv2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # imported before the swap
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-from SegmentMBTFELib.nnunet_trainer import trainer as ours
+from SegmentMBTFELib.training.nnunet_trainer import trainer as ours
 nnunetv2.__path__ = [sys.argv[1]]
 found = recursive_find_trainer_class_by_name("nnUNetTrainerMBTFE")
 print(json.dumps({"ours": found is ours.nnUNetTrainerMBTFE}))
@@ -316,7 +316,7 @@ import json, sys, torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from SegmentMBTFELib.nnunet_trainer import trainer as ours, external_trainer_folder
+from SegmentMBTFELib.training.nnunet_trainer import trainer as ours, external_trainer_folder
 plans = json.loads(sys.argv[1])
 found = {name: recursive_find_trainer_class_by_name(name) is getattr(ours, name) for name in sys.argv[2:]}
 options = {name: getattr(ours, name).mbtfe_options for name in sys.argv[2:]}
@@ -421,7 +421,7 @@ def test_trainer_writes_the_network_into_plans_and_checkpoint(mbtfe_model):
 
 
 def test_engine_matches_nnunet_predictor_with_tta(mbtfe_model, hippo_test_cases, nnunet_prediction):
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     case = hippo_test_cases[-1]
     model = load_model(mbtfe_model)
     assert model.trainer_name == TRAINER and isinstance(model.network, MBTFEUNet)
@@ -437,7 +437,7 @@ def test_engine_matches_nnunet_predictor_with_tta(mbtfe_model, hippo_test_cases,
 def test_engine_rebuilds_the_trained_network_from_plain_plans(mbtfe_model, tmp_path, hippo_test_cases):
     """The same folder with plans.json as nnU-Net's planner wrote it (PlainConvUNet): the engine rebuilds
     MBTFE-UNet from the trainer name and the checkpoint, and predicts exactly the same."""
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     copy_dir = tmp_path / mbtfe_model.parent.name / mbtfe_model.name
     shutil.copytree(mbtfe_model, copy_dir, ignore=shutil.ignore_patterns("validation", "*.pdf", "*.png"))
     plans = json.loads((copy_dir / "plans.json").read_text())

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from hostile_zips import export_layout_zip
 from SegmentMBTFELib import cli
-from SegmentMBTFELib.models_table import HEADER
+from SegmentMBTFELib.models.table import HEADER
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,13 +25,13 @@ import torch
 import model_factory
 import nnunet_reference as ref
 from SegmentMBTFELib import ModelError, cli, load_model
-from SegmentMBTFELib.imageio import read_volume
-from SegmentMBTFELib.models_table import FAMILY_OPTIONS, network_text
+from SegmentMBTFELib.io.images import read_volume
+from SegmentMBTFELib.models.table import FAMILY_OPTIONS, network_text
+from SegmentMBTFELib.models.versions import ModelVersions
 from SegmentMBTFELib.networks import architecture_for_trainer, build_network
 from SegmentMBTFELib.networks.families import FAMILIES, TRAINER_FAMILIES, family_architecture
 from SegmentMBTFELib.networks.segresnet_vae import ResBlock
-from SegmentMBTFELib.nnunet_trainer import registration
-from SegmentMBTFELib.versions import ModelVersions
+from SegmentMBTFELib.training.nnunet_trainer import registration
 
 NETS = {"unetpp": "UNetPlusPlus", "segresnetvae": "SegResNetVAE", "unet3d": "UNet3D"}  # reference kind suffix -> class
 TRAINERS = {name: f"nnUNetTrainer{name}" for name in NETS.values()}
@@ -201,7 +201,7 @@ TRAINER_CHECKS = r"""
 import json, sys, torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from SegmentMBTFELib.nnunet_trainer import family_trainers as ours
+from SegmentMBTFELib.training.nnunet_trainer import family_trainers as ours
 plans, dataset = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 plans["continue_training"] = False  # as nnUNetv2_train's get_trainer_from_args sets it
 facts = {}

@@ -22,10 +22,11 @@ import SimpleITK as sitk
 import torch
 
 import nnunet_v1_reference as v1ref
-from SegmentMBTFELib import load_model, models_home, read_volume
+from SegmentMBTFELib import load_model, read_volume
 from SegmentMBTFELib.errors import ModelError
+from SegmentMBTFELib.models import home as models_home
+from SegmentMBTFELib.models.nnunet_v1 import V1ModelFolder, generic_unet_architecture, read_pickle, v2_weights
 from SegmentMBTFELib.networks import build_network
-from SegmentMBTFELib.nnunet_v1 import V1ModelFolder, generic_unet_architecture, read_pickle, v2_weights
 
 pytestmark = pytest.mark.timeout(900)
 PARITY = 0.9999

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from SegmentMBTFELib import InputError, load_model
-from SegmentMBTFELib import backends, cli, tasks
-from SegmentMBTFELib.imageio import read_channels
-from SegmentMBTFELib.shipped import shipped_models
+from SegmentMBTFELib import cli, tasks
+from SegmentMBTFELib.inference import backends
+from SegmentMBTFELib.io.images import read_channels
+from SegmentMBTFELib.models.shipped import shipped_models
 
 pytest.importorskip("openvino", reason="the optional openvino package is not installed")
 

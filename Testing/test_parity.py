@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from SegmentMBTFELib import load_model
-from SegmentMBTFELib.imageio import read_channels
+from SegmentMBTFELib.io.images import read_channels
 
 FLOOR = 0.9999
 

@@ -28,7 +28,7 @@ from hostile_files import copy_model, smooth_volume, write_dicom_series, write_i
 from safety_catalogue import CASES, Context, Refused, Works, finetune_args, finetune_case_files
 from terminal import interrupt_when
 from SegmentMBTFELib import cli, load_model
-from SegmentMBTFELib.versions import ModelVersions, resolve
+from SegmentMBTFELib.models.versions import ModelVersions, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -198,7 +198,7 @@ def _concurrent_finetunes(ctx: Context):
 SWITCHER = """
 import random, sys
 from SegmentMBTFELib.errors import ModelError
-from SegmentMBTFELib.versions import ModelVersions
+from SegmentMBTFELib.models.versions import ModelVersions
 model, rng = sys.argv[1], random.Random(int(sys.argv[2]))
 for _ in range(40):
     versions = ModelVersions(model)

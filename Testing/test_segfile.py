@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegmentMBTFELib.colors import color_distance, segment_colors
 from SegmentMBTFELib.errors import InputError
-from SegmentMBTFELib.imageio import read_volume
-from SegmentMBTFELib.segfile import Segment, read_seg_nrrd, write_seg_nrrd
+from SegmentMBTFELib.io.colors import color_distance, segment_colors
+from SegmentMBTFELib.io.images import read_volume
+from SegmentMBTFELib.io.segfile import Segment, read_seg_nrrd, write_seg_nrrd
 from SegmentMBTFELib.volume import Volume
 
 slicerio = pytest.importorskip("slicerio", reason="slicerio is a test requirement (Testing/requirements.txt)")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from SegmentMBTFELib import load_model, read_volume
-from SegmentMBTFELib.checkpoint import load_checkpoint
-from SegmentMBTFELib.finetune import dice_per_label
-from SegmentMBTFELib.shipped import DEFAULT_MODEL, default_model, shipped_models
+from SegmentMBTFELib.models.checkpoint import load_checkpoint
+from SegmentMBTFELib.models.shipped import DEFAULT_MODEL, default_model, shipped_models
+from SegmentMBTFELib.training.finetune import dice_per_label
 
 MODELS = {p.name: p for p in shipped_models()}
 EXPECTED = ("hippocampus_nnunet", "hippocampus_mbtfe")

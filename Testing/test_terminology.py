@@ -13,10 +13,10 @@ import SimpleITK as sitk
 
 import model_factory
 
-from SegmentMBTFELib.segfile import read_seg_nrrd
-from SegmentMBTFELib.terminology import TERMINOLOGY_FILE, context_name, terminology_for
+from SegmentMBTFELib.io.segfile import read_seg_nrrd
+from SegmentMBTFELib.io.terminology import TERMINOLOGY_FILE, context_name, terminology_for
+from SegmentMBTFELib.io.writers import write_prediction
 from SegmentMBTFELib.volume import Volume
-from SegmentMBTFELib.writers import write_prediction
 
 # The schema Slicer's vtkSlicerTerminologiesModuleLogic::LoadTerminologyFromFile accepts for a terminology
 # (TERMINOLOGY_CONTEXT_SCHEMA in Modules/Loadable/Terminologies/Logic/vtkSlicerTerminologiesModuleLogic.cxx).

@@ -1,4 +1,4 @@
-"""Uncertainty (SegmentMBTFELib/uncertainty.py) on real data: the entropy and disagreement maps say where the
+"""Uncertainty (SegmentMBTFELib/inference/uncertainty.py) on real data: the entropy and disagreement maps say where the
 model's passes agree and where they split, the per-segment table adds up, and asking for them changes no label.
 
 The passes are rebuilt by hand here: the shipped plain model run without TTA on each of the 8 mirrored copies
@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SegmentMBTFELib import cli, load_model, read_volume
-from SegmentMBTFELib.sliding_window import mirror_combinations
-from SegmentMBTFELib.uncertainty import segment_statistics
+from SegmentMBTFELib.inference.sliding_window import mirror_combinations
+from SegmentMBTFELib.inference.uncertainty import segment_statistics
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "hippocampus_nnunet"
 

@@ -19,10 +19,10 @@ import torch
 
 import model_factory
 from SegmentMBTFELib import Cancelled, ModelError, load_model
-from SegmentMBTFELib import shipped
-from SegmentMBTFELib.finetune import FinetuneResult, FinetuneSettings
-from SegmentMBTFELib.modelfolder import ModelFolder
-from SegmentMBTFELib.versions import VERSION_FILE, ModelVersions, Version, resolve, versions_home
+from SegmentMBTFELib.models import shipped
+from SegmentMBTFELib.models.folder import ModelFolder
+from SegmentMBTFELib.models.versions import VERSION_FILE, ModelVersions, Version, resolve, versions_home
+from SegmentMBTFELib.training.finetune import FinetuneResult, FinetuneSettings
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -336,7 +336,7 @@ def test_versions_home(monkeypatch, tmp_path):
 
 def test_listing_versions_does_not_import_torch(original, home):
     add_version(original, 0.01)
-    code = ("import sys; from SegmentMBTFELib.versions import ModelVersions; "
+    code = ("import sys; from SegmentMBTFELib.models.versions import ModelVersions; "
             f"print([v.summary() for v in ModelVersions({str(original)!r}).list()]); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -351,7 +351,7 @@ def test_nnunet_predicts_with_a_version_folder_as_with_ours(original, nnunet_pre
     trained = ModelFolder(version.path).path
     case = hippo_test_cases[0]
     nnunet_labels = nnunet_prediction(trained, [case], folds=(0, 1), tta=False)[0]
-    from SegmentMBTFELib.imageio import read_channels
+    from SegmentMBTFELib.io.images import read_channels
     ours = load_model(version.path).predict(read_channels(case), tta=False).labels.array
     original_labels = load_model(original).predict(read_channels(case), tta=False).labels.array
     assert agreement(ours, nnunet_labels) > 0.999
@@ -380,7 +380,7 @@ def test_a_lock_left_by_a_program_that_died_is_broken_at_once(original):
     assert not lock.exists() and versions.current().id == "original"
 
     # a lock held by a program that runs (this one) is respected: it is not broken
-    from SegmentMBTFELib.versions import _break_if_stale
+    from SegmentMBTFELib.models.versions import _break_if_stale
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     assert not _break_if_stale(lock) and lock.exists()
 

@@ -68,7 +68,7 @@ def prepare_backend(model: Path, backend: str) -> str:
     """The backend our command will use; OpenVINO's conversion of the network made (and cached) beforehand,
     in a process of its own, and its time printed: it happens once per model on a machine."""
     code = ("import sys, time, torch; from SegmentMBTFELib import load_model; "
-            "from SegmentMBTFELib.backends import cpu_network, use_backend; "
+            "from SegmentMBTFELib.inference.backends import cpu_network, use_backend; "
             f"m = load_model({str(model)!r}); use_backend(m, {backend!r}); t = time.perf_counter(); "
             "n = cpu_network(m, 0, torch.device('cpu'), []); "
             "print('openvino' if n is not None else 'torch', time.perf_counter() - t)")

@@ -34,7 +34,7 @@ LIMIT_S = 300
 
 
 def main():
-    from SegmentMBTFELib.shipped import default_model
+    from SegmentMBTFELib.models.shipped import default_model
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=default_model())
     p.add_argument("--cases", type=int, default=10, help="fine-tuning cases (the rest are the other held-out cases)")
@@ -88,7 +88,7 @@ def main():
 def _dice(model_dir: Path, cases):
     """Mean Dice over both labels per case, TTA on."""
     from SegmentMBTFELib import load_model, read_volume
-    from SegmentMBTFELib.finetune import dice_per_label
+    from SegmentMBTFELib.training.finetune import dice_per_label
     model = load_model(model_dir)
     means = []
     for case in cases:

@@ -98,7 +98,7 @@ def _paired_difference(row: dict, base: dict):
 
 def _static(folder: Path) -> dict:
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.models_table import network_text
+    from SegmentMBTFELib.models.table import network_text
     model = load_model(folder)
     results = json.loads((folder / "results.json").read_text())
     return {"parameters": sum(p.numel() for p in model.network.parameters()),

@@ -68,7 +68,7 @@ def seconds_per_tile(network, patch, channels: int, seconds: float = 4.0) -> flo
 def report(model_folder, peak: float, backend: str = "torch") -> dict:
     """backend "openvino": the same network converted as the engine converts it (backends.py), timed alike."""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.backends import cpu_network
+    from SegmentMBTFELib.inference.backends import cpu_network
     model = load_model(model_folder)
     network, patch = model.network.eval(), [int(p) for p in model.configuration.patch_size]
     channels = len(model.channel_names) + (len(model.labels.foreground_labels)

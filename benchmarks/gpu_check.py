@@ -118,7 +118,7 @@ def environment(check: Check):
 def agreement(check: Check):
     """CUDA against CPU: label agreement of the shipped models on real hippocampus volumes (TTA on)"""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     images = check.hippocampus(2 if check.dry else None)
     ok = True
     for name, folder in SHIPPED.items():
@@ -154,8 +154,8 @@ def big_ct_ours(check: Check):
         return None
     import torch
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_channels
-    from SegmentMBTFELib.writers import write_prediction
+    from SegmentMBTFELib.io.images import read_channels
+    from SegmentMBTFELib.io.writers import write_prediction
     image, model = check.big_ct(), load_model(check.carry / "models" / "ct25")
     if check.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -179,7 +179,7 @@ def big_ct_nnunet(check: Check):
     if check.left() < (30 if check.dry else 100) or not _nnunet_importable():
         print(f"left out: {check.left():.0f} s of the budget left")
         return None
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     model_folder, image, _ = check.results["big_ct"]
     predictor = _nnunet_predictor(check, model_folder, tta=False)
     started = time.perf_counter()
@@ -197,8 +197,8 @@ def big_ct_nnunet(check: Check):
 def compare(check: Check, model_folder: Path, image: Path, tta: bool, runs: int):
     """(ours s, nnU-Net s, label agreement): each file to file with its model loaded, the first run a warm-up."""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_channels, read_volume
-    from SegmentMBTFELib.writers import write_prediction
+    from SegmentMBTFELib.io.images import read_channels, read_volume
+    from SegmentMBTFELib.io.writers import write_prediction
     out = check.work / "compare"
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(model_folder)
@@ -273,8 +273,8 @@ def out_of_memory(check: Check):
 def oom_child(request: dict) -> int:
     import torch
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.devices import FALLBACK_MESSAGES
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.inference.devices import FALLBACK_MESSAGES
+    from SegmentMBTFELib.io.images import read_volume
     torch.cuda.set_per_process_memory_fraction(request["fraction"], 0)
     model = load_model(request["model"])
     started = time.perf_counter()
@@ -290,8 +290,8 @@ def finetuning(check: Check):
     """Fine-tuning a few iterations on the GPU (autocast fp16 + GradScaler)"""
     import torch
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.finetune import Case, FinetuneSettings, finetune
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
+    from SegmentMBTFELib.training.finetune import Case, FinetuneSettings, finetune
     labels = check.carry / "data" / "hippocampus" / "labels"
     cases = [Case(image.name.split(".")[0], [read_volume(image)], read_volume(labels / image.name))
              for image in check.hippocampus(3)]
@@ -371,7 +371,7 @@ def _prepare_ct_model(carry: Path, ref):
     """bench_big_ct.py's model, its checkpoint without the optimizer's state (the predictors never read it)."""
     import shutil
     import torch
-    from SegmentMBTFELib.checkpoint import load_checkpoint
+    from SegmentMBTFELib.models.checkpoint import load_checkpoint
     source = ref.make_model_folder(REPO / "benchmarks" / "results" / "big_ct" / "models", kind="ct25")
     target = carry / "models" / "ct25"
     (target / "fold_0").mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import model_factory  # noqa: E402
 from hostile_files import smooth_volume, write_image  # noqa: E402
 from SegmentMBTFELib import load_model  # noqa: E402
-from SegmentMBTFELib.versions import ModelVersions, resolve  # noqa: E402
+from SegmentMBTFELib.models.versions import ModelVersions, resolve  # noqa: E402
 
 
 def case_files(folder: Path):
@@ -51,7 +51,7 @@ def damage(model: Path, image: Path) -> list:
     """What is wrong with the model's versions now (empty when nothing)."""
     problems = [v.summary() for v in ModelVersions(model).list() if v.problem]
     folder, current = resolve(model)
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     load_model(folder).predict([read_volume(image)], device="cpu", tta=False)
     family = ModelVersions(model).family_dir
     if family.is_dir():

@@ -16,9 +16,9 @@ Our changes, all of them a user could make:
   * the split: nnU-Net's own 5-fold split (generate_crossval_split: sklearn KFold, shuffle, random_state
     12345, over the 208 sorted case ids), written as splits_final.json; fold 0 is trained, its 42 (or so)
     validation cases are held out and evaluated.
-  * `--network mbtfe` trains with `nnUNetTrainerMBTFE` (SegmentMBTFELib.nnunet_trainer) on the same plans;
+  * `--network mbtfe` trains with `nnUNetTrainerMBTFE` (SegmentMBTFELib.training.nnunet_trainer) on the same plans;
     `unetpp`, `segresnetvae` and `unet3d` with `nnUNetTrainerUNetPlusPlus`, `nnUNetTrainerSegResNetVAE` (its loss
-    adds the VAE terms) and `nnUNetTrainerUNet3D` (SegmentMBTFELib.nnunet_trainer.family_trainers), likewise.
+    adds the VAE terms) and `nnUNetTrainerUNet3D` (SegmentMBTFELib.training.nnunet_trainer.family_trainers), likewise.
 
 After training, the validation cases are predicted with OUR engine (SegmentMBTFELib.load_model(...).predict,
 TTA on, step 0.5, CPU) from the original image files and Dice per label (anterior, posterior) is computed
@@ -192,7 +192,7 @@ def train(args, pre: Path):
     if module is None:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as Trainer
     else:  # instantiated directly: nnU-Net's trainer lookup by name is not needed (nor registration)
-        Trainer = getattr(importlib.import_module(f"SegmentMBTFELib.nnunet_trainer.{module}"), class_name)
+        Trainer = getattr(importlib.import_module(f"SegmentMBTFELib.training.nnunet_trainer.{module}"), class_name)
     # 0 augmentation workers: nnU-Net's SingleThreadedAugmenter, no background processes on 2 cores.
     os.environ["nnUNet_n_proc_DA"] = "0"
     random.seed(args.seed)

@@ -10,8 +10,8 @@ from .errors import Cancelled, InputError, ModelError, OutOfMemory, SegmentError
 from .volume import Volume  # noqa: E402
 
 # torch is imported on first use of these, so `segment-mbtfe models info` and image IO start quickly.
-_LAZY = {"Model": "model", "Prediction": "model", "load_model": "model", "read_volume": "imageio",
-         "read_channels": "imageio"}
+_LAZY = {"Model": "inference.model", "Prediction": "inference.model", "load_model": "inference.model",
+         "read_volume": "io.images", "read_channels": "io.images"}
 
 
 def __getattr__(name):

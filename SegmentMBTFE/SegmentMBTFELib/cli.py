@@ -28,8 +28,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .backends import BACKENDS, check_backend
 from .errors import Cancelled, InputError, SegmentError
+from .inference.backends import BACKENDS, check_backend
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 143
 
@@ -228,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.set_defaults(run=lambda args: __import__(f"{__package__}.worker", fromlist=["main"]).main(
         args.idle_timeout))
 
-    from .nnunet_trainer.commands import add_parser as add_trainer_commands
+    from .training.nnunet_trainer.commands import add_parser as add_trainer_commands
     add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
     return parser
 
@@ -241,8 +241,8 @@ def _model_options(parser, positional=False):
 
 def _chosen_model(args) -> Path:
     """-m (or the positional MODEL): a folder or a name `models list` shows; else the default shipped model."""
-    from .models_home import model_path
-    from .shipped import default_model
+    from .models.home import model_path
+    from .models.shipped import default_model
     given = getattr(args, "model_option", None) or getattr(args, "model", None)
     return model_path(given) if given else default_model()
 
@@ -250,8 +250,8 @@ def _chosen_model(args) -> Path:
 def _open_model(args, folds=None, checkpoint="final"):
     """(Model, Version, note): the note says which model is used when that is not what the user typed
     (the default model, or a fine-tuned version rather than the folder given), "" otherwise."""
+    from .models.versions import ORIGINAL
     from .tasks import open_model
-    from .versions import ORIGINAL
     path = _chosen_model(args)
     model, version = open_model(path, args.version, args.configuration, folds, checkpoint)
     note = ""
@@ -262,9 +262,9 @@ def _open_model(args, folds=None, checkpoint="final"):
 
 
 def _predict(args):
-    from .imageio import read_channels, read_volume
+    from .io.images import read_channels, read_volume
+    from .io.writers import check_output, output_format, write_prediction
     from .tasks import predict
-    from .writers import check_output, output_format, write_prediction
 
     output = Path(args.output)
     check_backend(args.backend)  # OpenVINO asked for but not installed: said before any work
@@ -284,7 +284,7 @@ def _predict(args):
     bar.close()
     written = write_prediction(prediction, output)  # notes after it: a DICOM SEG adds its own
     if args.uncertainty:
-        from .uncertainty import write_uncertainty
+        from .inference.uncertainty import write_uncertainty
         try:
             written += write_uncertainty(prediction, output)
         except BaseException:
@@ -314,9 +314,9 @@ def _is_folder_output(output: Path) -> bool:
 
 
 def _predict_batch(args):
-    from .batch import BatchSettings, Manifest, find_cases, run_batch, shard, summary
-    from .distribute import Collector, ModelSpec, run_on_dask, run_processes, worker_devices
-    from .imageio import check_writable
+    from .batch.distribute import Collector, ModelSpec, run_on_dask, run_processes, worker_devices
+    from .batch.folder import BatchSettings, Manifest, find_cases, run_batch, shard, summary
+    from .io.images import check_writable
 
     started, output_dir = time.perf_counter(), Path(args.output)
     if args.previous_stage:
@@ -386,8 +386,8 @@ def _case_line(result, bar):
 
 
 def _info(args):
-    from .modelfolder import open_model_folder
-    from .models_table import network_text
+    from .models.folder import open_model_folder
+    from .models.table import network_text
     folder = open_model_folder(_chosen_model(args), args.configuration)
     c = folder.configuration
     rows = [
@@ -413,9 +413,9 @@ def _info(args):
 
 
 def _finetune(args):
-    from .finetune import FinetuneSettings
+    from .models.versions import ModelVersions
     from .tasks import finetune_version
-    from .versions import ModelVersions
+    from .training.finetune import FinetuneSettings
 
     if len(args.images) != len(args.labels):
         raise SegmentError(f"Give one label map per case: {len(args.images)} case image(s) (-i) but "
@@ -459,8 +459,8 @@ def _timing_text(timing: dict) -> str:
 
 def _read_cases(image_specs, label_paths):
     """finetune.Case objects from the command line's case images ("a.nii.gz" or "a_0000.nii.gz,a_0001.nii.gz")."""
-    from .finetune import Case
-    from .imageio import read_channels, read_volume
+    from .io.images import read_channels, read_volume
+    from .training.finetune import Case
     cases = []
     for spec, label_path in zip(image_specs, label_paths):
         channels = [p for p in spec.split(",") if p]
@@ -471,14 +471,14 @@ def _read_cases(image_specs, label_paths):
 
 
 def _models_list(args):
-    from .models_home import installed
-    from .models_table import models_table
+    from .models.home import installed
+    from .models.table import models_table
     print(models_table(installed()))
 
 
 def _models_add(args):
-    from .models_home import add, listed_at, models_home
-    from .models_table import configurations_text
+    from .models.home import add, listed_at, models_home
+    from .models.table import configurations_text
     already = listed_at(args.path) if Path(args.path).is_dir() else None
     if already is not None:
         print(f"{args.path} is already listed, as {already.name} ({already.source}).")
@@ -490,7 +490,7 @@ def _models_add(args):
 
 
 def _models_remove(args):
-    from .models_home import REGISTERED, remove
+    from .models.home import REGISTERED, remove
     model = remove(args.name)
     if model.source == REGISTERED:
         print(f"Forgot {model.name}; its folder {model.path} was left as it is.")
@@ -499,7 +499,7 @@ def _models_remove(args):
 
 
 def _versions(args):
-    from .versions import ModelVersions
+    from .models.versions import ModelVersions
     versions = ModelVersions(_chosen_model(args), configuration=args.configuration)
     print(f"Versions of {versions.name} ({versions.original}):")
     for version in versions.list():
@@ -508,19 +508,19 @@ def _versions(args):
 
 
 def _use(args):
-    from .versions import ModelVersions
+    from .models.versions import ModelVersions
     version = ModelVersions(_chosen_model(args), configuration=args.configuration).use(args.version_id)
     print(f"Now using {version.summary()}.")
 
 
 def _rollback(args):
-    from .versions import ModelVersions
+    from .models.versions import ModelVersions
     version = ModelVersions(_chosen_model(args), configuration=args.configuration).rollback()
     print(f"Rolled back; now using {version.summary()}.")
 
 
 def _delete(args):
-    from .versions import ModelVersions
+    from .models.versions import ModelVersions
     versions = ModelVersions(_chosen_model(args), configuration=args.configuration)
     folder = versions.get(args.version_id).path
     versions.delete(args.version_id)

@@ -25,7 +25,7 @@ class ModelCache:
         self.last_was_cached = False
 
     def get(self, folder, configuration=None, folds=None, checkpoint: str = "final"):
-        from .model import load_model
+        from .inference.model import load_model
         key = (str(Path(folder).resolve()), configuration, tuple(str(f) for f in folds or ()), checkpoint)
         self.last_was_cached = key in self._models
         if self.last_was_cached:
@@ -43,9 +43,9 @@ class ModelCache:
 def open_model(model_path, version: str = None, configuration: str = None, folds: Sequence = None,
                checkpoint: str = "final", cache: ModelCache = None):
     """(Model, Version): the model's chosen version (by default its current one), loaded."""
-    from .model import load_model
-    from .modelfolder import CHECKPOINTS, checkpoint_filename
-    from .versions import ORIGINAL, resolve
+    from .inference.model import load_model
+    from .models.folder import CHECKPOINTS, checkpoint_filename
+    from .models.versions import ORIGINAL, resolve
     folder, chosen = resolve(model_path, version, configuration=configuration)
     if chosen.id != ORIGINAL and checkpoint_filename(checkpoint) != CHECKPOINTS["final"]:
         raise SegmentError(f"Version {chosen.id} holds only final checkpoints; use --version original for "
@@ -59,7 +59,7 @@ def predict(model, version, volumes, device="auto", step_size: float = 0.5, tta:
             cancel=None, uncertainty: bool = False, backend: str = "torch"):
     """model.predict, with the version recorded in the prediction's provenance when it is not the original.
     backend: what runs the network on the CPU: torch, openvino or auto (OpenVINO when installed; backends.py)."""
-    from .backends import use_backend
+    from .inference.backends import use_backend
     use_backend(model, backend)
     prediction = model.predict(volumes, device=device, step_size=step_size, tta=tta, probabilities=probabilities,
                                postprocess=postprocess, previous_stage=previous_stage, progress=progress,
@@ -70,7 +70,7 @@ def predict(model, version, volumes, device="auto", step_size: float = 0.5, tta:
 def with_version(prediction, version):
     """The version recorded in the prediction's provenance (.seg.nrrd files, segmentation nodes) when it is
     not the original."""
-    from .versions import ORIGINAL
+    from .models.versions import ORIGINAL
     if version is not None and version.id != ORIGINAL:
         prediction.settings["version"] = version.id
     return prediction
@@ -87,10 +87,10 @@ def segment_files(model, version, cases: Sequence, output_dir, device="auto", st
     fails does not stop the others; when any failed, SomeCasesFailed is raised once all were tried, with
     the files written and each failed case's reason (its message is the reason itself for a single case).
     Existing outputs are replaced. Cancel stops at once (Cancelled); the cases written before it stay."""
-    from .backends import check_backend
-    from .batch import FAILED, BatchSettings, Case, flag_name_clashes, run_batch
+    from .batch.folder import FAILED, BatchSettings, Case, flag_name_clashes, run_batch
     from .errors import SomeCasesFailed
-    from .writers import output_extension
+    from .inference.backends import check_backend
+    from .io.writers import output_extension
     settings = BatchSettings(output_extension(file_format), overwrite=True, device=device, step_size=step_size,
                              tta=tta, backend=check_backend(backend))
     output_dir = Path(output_dir)
@@ -113,8 +113,8 @@ def finetune_version(model, model_path, cases, validation=(), settings=None, pro
     """Fine-tune `model` (a loaded version of the model at `model_path`) and write the result as a new
     version: (Version, FinetuneResult). The model it started from is never modified. `started`
     (time.perf_counter()) is when the user asked: a time budget counts from then."""
-    from .finetune import finetune
-    from .versions import ModelVersions
+    from .models.versions import ModelVersions
+    from .training.finetune import finetune
     versions = ModelVersions(model_path, configuration=configuration)
     versions.check_writable(target)  # before minutes of training
     result = finetune(model, cases, validation, settings, progress=progress, cancel=cancel, started=started)

@@ -162,7 +162,7 @@ class Reporter:
         self._last, self._last_stage = 0.0, None
 
     def __call__(self, fraction: float, stage: str) -> None:
-        from .devices import FALLBACK_MESSAGES
+        from .inference.devices import FALLBACK_MESSAGES
         if stage in FALLBACK_MESSAGES:
             self.worker.send({"id": self.job_id, "type": "fallback", "message": stage})
         now, kind = time.monotonic(), DIGITS.sub("#", stage)
@@ -194,7 +194,7 @@ def _segment(worker: Worker, request: dict, progress, cancel) -> dict:
               "settings": prediction.settings, "messages": prediction.messages,
               "model_cached": worker.models.last_was_cached}
     if prediction.uncertainty:
-        from .uncertainty import WRITTEN_MAPS, segment_statistics
+        from .inference.uncertainty import WRITTEN_MAPS, segment_statistics
         result["uncertainty"] = {name: exchange.write_array(folder, name, prediction.uncertainty[name].array)
                                  for name in WRITTEN_MAPS if name in prediction.uncertainty}
         result["statistics"] = segment_statistics(prediction)
@@ -224,8 +224,8 @@ def _segment_files(worker: Worker, request: dict, progress, cancel) -> dict:
 def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
     """A new version (not made current: the module does that once it knows nobody cancelled meanwhile)."""
     from dataclasses import fields
-    from .finetune import Case, FinetuneSettings
     from .tasks import open_model, finetune_version
+    from .training.finetune import Case, FinetuneSettings
     folder, started = request["folder"], time.perf_counter()
     known = {f.name for f in fields(FinetuneSettings)}
     settings = FinetuneSettings(**{k: v for k, v in (request.get("settings") or {}).items() if k in known})

@@ -1,4 +1,4 @@
-"""The models the panel offers: the same models as `segment-mbtfe models list` (SegmentMBTFELib.models_home),
+"""The models the panel offers: the same models as `segment-mbtfe models list` (SegmentMBTFELib.models.home),
 one entry per trained configuration; and adding a model folder or zip, the way `models add` does.
 
 Only JSON is read (dataset.json, plans.json, the fold folders), never a checkpoint, and torch is never imported:
@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from SegmentMBTFELib import models_home
 from SegmentMBTFELib.errors import ModelError
-from SegmentMBTFELib.modality import modality  # the engine's mapping, also used to pick DICOM series
-from SegmentMBTFELib.shipped import default_model, shipped_models
+from SegmentMBTFELib.models import home as models_home
+from SegmentMBTFELib.models.modality import modality  # the engine's mapping, also used to pick DICOM series
+from SegmentMBTFELib.models.shipped import default_model, shipped_models
 
 SETTINGS_FOLDERS = "SegmentMBTFE/ModelFolders"  # earlier releases' added folders
 SETTINGS_LAST = "SegmentMBTFE/LastModel"

@@ -206,7 +206,7 @@ class FinetuneSection:
 
     def _modelLabels(self, path: str):
         if path not in self._labels:
-            from SegmentMBTFELib.modelfolder import ModelFolder
+            from SegmentMBTFELib.models.folder import ModelFolder
             folder = ModelFolder(path)
             self._labels[path] = folder.name, folder.labels.output_segments()
         return self._labels[path]
@@ -287,7 +287,7 @@ class FinetuneSection:
         model = self.segment.currentModel()
         if model is None or model.problem:
             return None
-        from SegmentMBTFELib.versions import ModelVersions
+        from SegmentMBTFELib.models.versions import ModelVersions
         return ModelVersions(model.path)
 
     def refreshVersions(self) -> None:

@@ -95,7 +95,7 @@ def start_finetune(plan: runner.FinetunePlan, settings: dict, make_current: bool
     """Send the corrected cases to the worker, which writes a new version; on the main thread the version
     becomes current (make_current) and the job's result is a runner.FinetuneRun. A version that arrives
     after Cancel is deleted again."""
-    from SegmentMBTFELib.versions import ModelVersions
+    from SegmentMBTFELib.models.versions import ModelVersions
     if not claimed:
         jobs.claim("fine-tune")
     folder = None

@@ -109,8 +109,8 @@ def apply_prediction(prediction: SegmentsResult, geometry: Geometry, scene, outp
     A new node names `reference_volume_id` (the input volume) as its reference volume, as Segment Editor
     does, so fine-tuning finds the volume the segments belong to. An output node deleted while the model
     ran is refused: nothing is written anywhere."""
-    from SegmentMBTFELib.colors import segment_colors
     from SegmentMBTFELib.errors import InputError
+    from SegmentMBTFELib.io.colors import segment_colors
     if output is not None and output.GetScene() is None:
         raise InputError(f"The output segmentation {output.GetName()} was deleted while segmenting; "
                          "nothing was written.")
@@ -228,7 +228,7 @@ def prepare_finetune(segmentation_nodes, volume_nodes, model_path) -> FinetunePl
     per segmentation a volume node or a list of channel volumes (for one segmentation, that node or list
     itself). Raises InputError saying what to fix when a case cannot be used."""
     from SegmentMBTFELib.errors import InputError
-    from SegmentMBTFELib.modelfolder import ModelFolder
+    from SegmentMBTFELib.models.folder import ModelFolder
     folder = ModelFolder(model_path)
     segmentations = [segmentation_nodes] if hasattr(segmentation_nodes, "GetSegmentation") \
         else list(segmentation_nodes or [])

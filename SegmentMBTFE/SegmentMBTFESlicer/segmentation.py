@@ -23,7 +23,7 @@ from vtk.util import numpy_support
 import slicer
 
 from SegmentMBTFELib.errors import InputError
-from SegmentMBTFELib.segfile import one_line
+from SegmentMBTFELib.io.segfile import one_line
 
 from .volumes import Geometry
 

@@ -1,12 +1,12 @@
 """Slicer's half of the terminology: loading our terminology context into Slicer's Terminologies module.
 
-The names, codes and the context file itself live in the engine (SegmentMBTFELib/terminology.py and
-SegmentMBTFELib/SegmentMBTFE.term.json), so that the command line writes the same entries into .seg.nrrd
+The names, codes and the context file itself live in the engine (SegmentMBTFELib/io/terminology.py and
+SegmentMBTFELib/io/SegmentMBTFE.term.json), so that the command line writes the same entries into .seg.nrrd
 files as the module writes into segments. What only Slicer needs is the file loaded: the Segment Editor
 shows a segment's terminology only when the context its entry names is loaded, so the module loads ours
 at startup, as SlicerTotalSegmentator loads its own.
 """
-from SegmentMBTFELib.terminology import TERMINOLOGY_FILE, context_name, terminology_for  # noqa: F401 (re-exported)
+from SegmentMBTFELib.io.terminology import TERMINOLOGY_FILE, context_name, terminology_for  # noqa: F401 (re-exported)
 
 
 def load_into_slicer() -> bool:

@@ -82,10 +82,13 @@ class WorkerProcess:
         log.info("SegmentMBTFE: started the worker (%s)", self.python)
 
     def stop(self, wait_ms: int = 500) -> None:
-        """Ask the worker to exit, give it `wait_ms`, then kill it: never blocks Slicer for long."""
+        """Ask the worker to exit, give it `wait_ms`, then kill it: never blocks Slicer for long. Its jobs end
+        as cancelled (the module is unloading or reloading), not as a crash, however slowly the worker exits."""
         process = self.process
         if process is None:
             return
+        for job, _request in list(self._jobs.values()):
+            job.cancel()
         if self.running:
             process.write(qt.QByteArray(exchange.encode({"command": "shutdown"})))
             process.closeWriteChannel()
@@ -107,7 +110,7 @@ class WorkerProcess:
         """Send a request for `job` (starting the worker when none runs); returns the job's id."""
         if not self.running:
             self.start()
-        from SegmentMBTFELib.versions import versions_home
+        from SegmentMBTFELib.models.versions import versions_home
         job_id, self._next_id = self._next_id, self._next_id + 1
         self._jobs[job_id] = (job, request)
         # the versions home as this process sees it now, so both processes agree on a model's current version

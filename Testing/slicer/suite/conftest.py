@@ -46,7 +46,7 @@ def scene(slicer_app):
     import shutil
     import qt
     import slicer
-    from SegmentMBTFELib.models_home import models_home
+    from SegmentMBTFELib.models.home import models_home
     slicer.mrmlScene = slicer_app.new_scene()
     qt.QSettings().clear()
     slicer.app.settings().clear()

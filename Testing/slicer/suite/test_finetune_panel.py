@@ -289,7 +289,7 @@ def corrected_case(scene, real_case, name="corrected"):
 
 def test_the_panel_fine_tunes_the_shipped_model_on_a_corrected_case(widget, scene, real_case, versions_home):
     import slicer
-    from SegmentMBTFELib.versions import ModelVersions
+    from SegmentMBTFELib.models.versions import ModelVersions
     from SegmentMBTFESlicer import segmentation
     shipped_before = file_hashes(SHIPPED_MODEL)
     volume = load_volume(scene, real_case[0])
@@ -381,7 +381,7 @@ def test_the_panel_fine_tunes_the_shipped_model_on_a_corrected_case(widget, scen
 
 
 def test_cancelling_a_fine_tune_writes_no_version(widget, scene, real_case, versions_home):
-    from SegmentMBTFELib.versions import ModelVersions
+    from SegmentMBTFELib.models.versions import ModelVersions
     volume, node = corrected_case(scene, real_case)
     select_shipped_model(widget)
     widget.ui.finetuneSegmentationSelector.setCurrentNode(node)
@@ -421,7 +421,7 @@ def test_a_segmentation_that_cannot_be_used_says_why(widget, scene, real_case, v
 def test_console_fine_tune_and_versions(module, scene, real_case, versions_home):
     """logic.finetune from the Python console: the model is the one that made the segments (by its tags'
     model name), the new version is current, and the user's segments are only read."""
-    from SegmentMBTFELib.versions import ModelVersions
+    from SegmentMBTFELib.models.versions import ModelVersions
     volume, node = corrected_case(scene, real_case)
     node.SetAttribute("SegmentMBTFE.Model", "Dataset904_Hippocampus (3d_fullres)")
     before = segment_arrays(node)
@@ -435,7 +435,7 @@ def test_console_fine_tune_and_versions(module, scene, real_case, versions_home)
 
 
 def test_fine_tuning_on_several_cases_from_the_case_list(widget, scene, real_case, versions_home):
-    from SegmentMBTFELib.versions import ModelVersions
+    from SegmentMBTFELib.models.versions import ModelVersions
     select_shipped_model(widget)
     first_volume, first = corrected_case(scene, real_case)
     second_volume, second = corrected_case(scene, real_case, "corrected again")

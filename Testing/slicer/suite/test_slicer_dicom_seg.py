@@ -65,7 +65,7 @@ def code(attributes: dict, name: str):
 def test_a_dicom_seg_of_the_ct_series_loads_in_slicer_core(module, scene, ct_dicom_dir, tmp_path):
     import slicer
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     model = model_factory.make_model_folder(tmp_path / "model", channels=("CT",), labels=LABELS,
                                             spacing=[2.0, 4.0, 4.0], patch_size=[16, 64, 64],
                                             normalization="CTNormalization", dataset_name="Dataset901_CT")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(300)
 def test_volume_from_node_matches_simpleitk_on_an_oblique_image(scene, slicer_app, tmp_path):
     """Slicer (RAS, via its storage node) and SimpleITK (LPS) must give the engine the same voxels and grid."""
     import SimpleITK as sitk
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     from SegmentMBTFESlicer.volumes import ras_matrix, volume_from_node, geometry_of
     c, s = math.cos(0.3), math.sin(0.3)
     image = sitk.GetImageFromArray(np.random.default_rng(1).normal(size=(7, 9, 11)).astype(np.float32))
@@ -36,7 +36,7 @@ def test_volume_from_node_matches_simpleitk_on_an_oblique_image(scene, slicer_ap
 
 def test_console_segment_returns_the_segmentation(module, scene, hippo3d_model, hippo_case):
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     from SegmentMBTFESlicer import segmentation
     volume = load_volume(scene, hippo_case)
     progress = []
@@ -94,7 +94,7 @@ def test_segment_files_writes_seg_nrrd_that_slicer_reads(module, scene, hippo3d_
     import vtk
     import slicer
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     paths = [case[0] for case in hippo_test_cases]
     progress = []
     written = module.SegmentMBTFELogic().segmentFiles([str(p) for p in paths], str(hippo3d_model), tmp_path / "out",
@@ -144,7 +144,7 @@ def test_replacing_keeps_segment_ids_places_and_other_models(slicer_app, scene, 
 
 def test_the_in_slicer_self_test_passes_here(module, scene, widget, tiny_model):
     """SegmentMBTFETest is what Slicer runs; it needs no download (it writes a tiny model)."""
-    from SegmentMBTFELib.models_home import installed
+    from SegmentMBTFELib.models.home import installed
     leftovers = lambda: set(Path(tempfile.gettempdir()).glob("SegmentMBTFETest-*"))  # noqa: E731
     before = leftovers()
     test = module.SegmentMBTFETest()

@@ -27,7 +27,7 @@ def offered(widget) -> list:
 
 def test_the_panel_adds_a_zip_made_by_nnunet_and_segments_with_it(widget, scene, hippo3d_zip, hippo_case,
                                                                    monkeypatch):
-    from SegmentMBTFELib.models_home import installed, models_home
+    from SegmentMBTFELib.models.home import installed, models_home
     volume = load_volume(scene, hippo_case)
     choose_zip(widget, monkeypatch, hippo3d_zip)
     assert widget.ui.modelSelector.currentText() == "Dataset901_Hippocampus (3d_fullres)"
@@ -52,7 +52,7 @@ def test_the_panel_adds_a_zip_made_by_nnunet_and_segments_with_it(widget, scene,
 
 def test_the_panel_refuses_a_hostile_zip_in_one_sentence(widget, scene, models, tmp_path, monkeypatch, caplog):
     from hostile_zips import export_layout_zip, plain_member
-    from SegmentMBTFELib.models_home import models_home
+    from SegmentMBTFELib.models.home import models_home
     hostile = export_layout_zip(models["one"], tmp_path / "model.zip",
                                 extra=plain_member("Dataset999_Tiny/../../../../evil.txt"))
     before, selected = scene_state(scene), widget.ui.modelSelector.currentText()

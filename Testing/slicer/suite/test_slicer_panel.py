@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 def engine_prediction(model_dir, image_path, tta=False):
     """What the engine predicts for the image file, read by SimpleITK (not through Slicer)."""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.imageio import read_volume
+    from SegmentMBTFELib.io.images import read_volume
     return load_model(model_dir).predict([read_volume(image_path)], tta=tta)
 
 
@@ -58,7 +58,7 @@ def test_segment_button_says_what_is_missing(widget, scene, hippo3d_model, hippo
 
 
 def test_panel_segments_a_real_volume(widget, scene, hippo3d_model, hippo_case, tmp_path):
-    from SegmentMBTFELib.colors import segment_colors
+    from SegmentMBTFELib.io.colors import segment_colors
     from SegmentMBTFESlicer import segmentation
     volume = load_volume(scene, hippo_case)
     widget.segment.addModelFolder(str(hippo3d_model))

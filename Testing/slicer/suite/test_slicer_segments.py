@@ -73,7 +73,7 @@ def exported_in_volume_grid(segmentation_node, segment_id, volume):
 
 def terminologies_logic_with_our_file():
     import slicer
-    from SegmentMBTFELib.terminology import TERMINOLOGY_FILE, context_name
+    from SegmentMBTFELib.io.terminology import TERMINOLOGY_FILE, context_name
     logic = slicer.vtkSlicerTerminologiesModuleLogic()  # no scene: Slicer's own lists stay unloaded
     assert logic.LoadTerminologyFromFile(str(TERMINOLOGY_FILE)) == context_name()
     return logic

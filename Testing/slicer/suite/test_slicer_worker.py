@@ -141,6 +141,19 @@ def test_cleanup_mid_run_is_quick_and_ends_the_worker(widget, scene, hippo3d_mod
     assert scene_state(scene) == before
 
 
+def test_a_worker_stopped_mid_job_ends_it_as_cancelled_not_crashed(widget, scene, hippo3d_model, large_hippo_case):
+    """Reload (or an exit) may have to kill a busy worker: its job is cancelled, whichever panel or console
+    call started it, and the scene is unchanged."""
+    from SegmentMBTFESlicer import worker
+    start_segment(widget, scene, hippo3d_model, large_hippo_case, tta=True)
+    wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
+    before = scene_state(scene)
+    worker.stop_shared(wait_ms=0)  # no time to exit by itself: killed
+    wait_for_panel(widget)
+    assert widget.ui.statusLabel.text() == "Cancelled: nothing was changed."
+    assert scene_state(scene) == before
+
+
 def test_messages_the_module_does_not_understand_are_logged_never_run(slicer_app, caplog, tmp_path):
     from SegmentMBTFESlicer import worker
     marker = tmp_path / "ran"

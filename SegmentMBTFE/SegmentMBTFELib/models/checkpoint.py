@@ -1,0 +1,131 @@
+"""Load nnU-Net checkpoints without ever running code from them.
+
+`torch.load(weights_only=True)` refuses every pickled global that is not on an allow-list. nnU-Net
+checkpoints hold, besides tensors, numpy scalars and dtypes (training logs, `_best_ema`); those, and
+nothing else, are allowed. A checkpoint that needs any other global (a class, `os.system`, ...) is
+refused with a message naming it, so a malicious file cannot execute code by being opened.
+"""
+import contextlib
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+
+
+def _numpy_globals():
+    """The numpy objects nnU-Net checkpoints pickle: scalars (under numpy 2 and numpy 1 names) and dtypes."""
+    # numpy 2 moved numpy.core to numpy._core; numpy 1.26 (Slicer 5.6 to 5.8) has a numpy._core without multiarray
+    core = np._core if hasattr(getattr(np, "_core", None), "multiarray") else np.core
+    scalar = core.multiarray.scalar
+    allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes through these classes
+    if dtypes is not None:
+        for name in ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
+                     "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType",
+                     "StrDType", "BytesDType"):
+            if hasattr(dtypes, name):
+                allowed.append(getattr(dtypes, name))
+    return allowed
+
+
+def load_checkpoint(path, weights_key: str = "network_weights", kind: str = "an nnU-Net v2 checkpoint") -> dict:
+    """The checkpoint's dict, loaded as data only. Raises ModelError with one line on any problem.
+    nnU-Net v1's `.model` files hold their weights under `state_dict` (nnunet_v1.py passes that key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Checkpoint not found: {path}")
+    try:
+        with _allowed(_numpy_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = _offending_global(error)
+        if refused is None:  # not a refused global but bytes the unpickler cannot parse: damage
+            raise ModelError(f"Cannot read checkpoint {path}: the file is truncated or corrupt "
+                             f"(unreadable pickle data).") from None
+        raise ModelError(f"Refusing to load {path}: it contains objects that are not plain data "
+                         f"({refused}); only weights and numbers are allowed.") from None
+    except Exception as error:  # noqa: BLE001 - damaged bytes make torch.load raise almost anything
+        # (RuntimeError and zip errors for a cut zip, EOFError, IndexError or KeyError from garbage
+        # read as a legacy pickle, ...): every one of them means the file cannot be used.
+        other_zip = _other_zip(path)
+        if other_zip:
+            raise ModelError(f"{path} is a zip archive but not a PyTorch checkpoint (it holds {other_zip}); "
+                             "the wrong file was put in its place.") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        raise ModelError(f"Cannot read checkpoint {path}: the file is truncated or corrupt "
+                         f"({type(error).__name__}: {reason}).") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(weights_key), dict):
+        raise ModelError(f"{path} is not {kind} (no '{weights_key}').")
+    checkpoint[weights_key] = _plain_keys(checkpoint[weights_key])
+    return checkpoint
+
+
+def _other_zip(path: Path) -> str:
+    """A few of the names in a zip file that is not a torch checkpoint (which holds `<name>/data.pkl`), else ''."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return ""
+    if any(name.endswith("/data.pkl") for name in names):
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return shown or "nothing"
+
+
+def _allowed(globals_):
+    """torch >= 2.5 scopes the allow-list to this load; torch 2.4 can only extend it for the process."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(globals_)
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(globals_)
+        return contextlib.nullcontext()
+    raise ModelError(f"torch {torch.__version__} cannot load checkpoints safely; torch 2.4 or newer is needed.")
+
+
+def _plain_keys(state_dict):
+    """Strip the DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes some trainings leave in keys."""
+    def plain(key):
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        return key
+    return {plain(k): v for k, v in state_dict.items()}
+
+
+def _offending_global(error):
+    """The global torch refused, from its long message, or None when the error is not a refusal.
+
+    torch words refusals as "Unsupported global: GLOBAL __main__.Evil was not an allowed global ..." and,
+    for blocked modules, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked";
+    garbage bytes give other messages ("Unsupported operand 39", ...).
+    """
+    for line in str(error).splitlines():
+        if "GLOBAL " in line:
+            return (line.split("GLOBAL ", 1)[1].split() or ["a global"])[0][:120]
+        if "but got" in line:
+            return line.split("but got", 1)[1].strip()[:120]
+    return None
+
+
+def load_weights(network: torch.nn.Module, weights: dict, source) -> None:
+    """Load weights strictly; a mismatch names the missing and unexpected keys (the usual sign of a wrong trainer)."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = ([f"missing {len(missing)} keys: {few(missing)}"] if missing else []) + \
+                ([f"unexpected {len(unexpected)} keys: {few(unexpected)}"] if unexpected else [])
+        raise ModelError(f"The weights in {source} do not fit the network its plans describe: " + "; ".join(parts))
+    wrong = [k for k, v in weights.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(f"The weights in {source} do not fit the network its plans describe: {k} has shape "
+                         f"{tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}.")
+    network.load_state_dict(weights)
