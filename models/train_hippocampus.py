@@ -305,9 +305,10 @@ def write_card(args, target: Path, info: dict):
         "```",
         f"- Network: {network}; features per stage {kw['features_per_stage']}, strides {kw['strides']}, "
         f"patch {configuration['patch_size']} (nnU-Net's planner; only the width was set), "
-        f"{info['parameters']:,} parameters" + ("; weights stored as float16 to stay under 20 MB (they load into "
-                                                 "the float32 network; the Dice below is of the stored weights)."
-                                                 if info["command"].endswith("--half-weights") else "."),
+        f"{info['parameters']:,} parameters" + (
+            f"; weights stored as float16 ({'to stay under 20 MB' if info['parameters'] * 4 > 20e6 else 'half the file'}"
+            "; they load into the float32 network; the Dice below is of the stored weights)."
+            if info["command"].endswith("--half-weights") else "."),
         f"- Schedule: {args.epochs} epochs x {args.iterations} iterations, batch {args.batch_size} "
         f"({args.epochs * args.iterations * args.batch_size} patches seen; nnU-Net's default is 1000 x 250 x "
         f"batch 9). Everything else nnU-Net's default trainer: Dice + CE with deep supervision, SGD Nesterov "
@@ -376,7 +377,7 @@ def main(argv=None):
             "trainer": trainer_name, "nnunetv2": version("nnunetv2"), "torch": version("torch"),
             "parameters": n_params, "train_s": train_s, "cached": cached, "n_train": len(split["train"]), "n_val": len(split["val"]),
             "hardware": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, "
-                        f"{args.threads} torch threads",
+                        f"{args.threads} torch thread{'s' if args.threads != 1 else ''}",
             "validation_cases": split["val"]}
     if args.no_eval:
         info["total_s"] = time.perf_counter() - started
