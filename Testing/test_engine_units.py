@@ -169,6 +169,38 @@ def test_resample_order1_matches_nnunet(current, target):
     assert (ours.argmax(0) == expected.argmax(0)).mean() > 0.995
 
 
+@pytest.mark.parametrize("classes", [3, 26, 300])
+def test_streamed_argmax_is_numpys_argmax_ties_included(classes):
+    """The export's class-by-class argmax (torch, fp16) gives numpy's argmax of all classes at once: ties to
+    the lowest class, label maps wider than uint8 beyond 255 classes."""
+    from SegmentMBTFELib.inference.export import _streamed_argmax
+    rng = np.random.default_rng(classes)
+    logits = rng.normal(size=(classes, 6, 7, 8)).astype(np.float16)
+    logits[1:, :2] = logits[0, :2]  # exact ties everywhere in two slices
+    labelmap = _streamed_argmax(iter(list(logits)))
+    assert labelmap.dtype == (np.uint8 if classes <= 256 else np.uint16)
+    assert np.array_equal(labelmap, logits.argmax(0))
+    assert np.all(labelmap[:2] == 0)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_spline_zoom_in_threads_is_scipys_bit_for_bit(threads):
+    """The image's cubic resampling, split across threads (spline_zoom.py, scipy's private zoom_shift), gives
+    scipy.ndimage.zoom's very numbers: up, down, unchanged axes, 2D and 3D, spline orders 2 to 5."""
+    from scipy.ndimage import zoom
+    from SegmentMBTFELib.inference import spline_zoom
+    rng = np.random.default_rng(threads)
+    cases = [((30, 41, 27), (45, 20, 27)), ((7, 64, 64), (7, 100, 33)), ((64, 64), (97, 31)),
+             ((3, 50, 50), (2, 25, 80))]
+    for shape, new_shape in cases:
+        x = rng.normal(size=shape).astype(np.float32)
+        for order in (2, 3, 5):
+            expected = zoom(x, [n / o for n, o in zip(new_shape, shape)], order=order, mode="nearest", grid_mode=True,
+                            output=np.float64)
+            assert np.array_equal(spline_zoom._zoom_in_parts(x, new_shape, order, threads), expected)
+            assert np.array_equal(spline_zoom.zoom(x, new_shape, order, threads), expected)
+
+
 def test_resample_leaves_same_shape_alone():
     data = smooth((1, 6, 7, 8))
     assert resample(data, [6, 7, 8], (1, 1, 1), (2, 2, 2)) is data

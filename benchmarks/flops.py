@@ -6,8 +6,9 @@ For each model: the network's multiply-adds per tile (every convolution and tran
 from the shapes a real forward pass produces: 2 FLOPs per multiply-add; normalisation and activations left
 out, so the figure is a lower bound), the time per tile when tiles go through in pairs as the engine sends
 them on the CPU, and the achieved GFLOP/s against this machine's peak, measured as the speed of a large
-float32 matrix product with the same threads (what oneDNN and BLAS reach at best). bench_predict.py prints
-the same for its cases.
+float32 matrix product with the same threads (the better of MKL's and oneDNN's: see peak_gflops).
+bench_predict.py prints the same for its cases. The torch network runs as the engine runs it on the CPU:
+channels-last, with the heap kept between tiles (inference/channels_last.py, inference/heap.py).
 """
 import sys
 import time
@@ -20,14 +21,23 @@ sys.path.insert(0, str(REPO / "SegmentMBTFE"))
 
 
 def peak_gflops(size: int = 3072, seconds: float = 3.0) -> float:
-    """GFLOP/s of a float32 matrix product (2 n^3 FLOPs), the best of repeated runs."""
+    """GFLOP/s of a large float32 matrix product (2 n^3 FLOPs), the best of repeated runs, computed both ways
+    torch can: MKL's sgemm (torch.mm) and oneDNN's (a 1x1x1 convolution is a matrix product; it is what runs
+    the networks). The faster counts: on AMD CPUs MKL takes a slower code path (here 220 against 445 GFLOP/s)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - started) / 1e9)
+    channels, side = 2048, 16  # (16^3 voxels x 2048) @ (2048 x 2048)
+    conv = torch.nn.Conv3d(channels, channels, 1, bias=False).eval().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, channels, side, side, side).contiguous(memory_format=torch.channels_last_3d)
+    products = [(lambda: torch.mm(a, b), 2 * size ** 3), (lambda: conv(x), 2 * side ** 3 * channels ** 2)]
+    best = 0.0
+    with torch.inference_mode():
+        for product, flops in products:
+            product()
+            end = time.perf_counter() + seconds / 2
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                product()
+                best = max(best, flops / (time.perf_counter() - started) / 1e9)
     return best
 
 
@@ -69,6 +79,8 @@ def report(model_folder, peak: float, backend: str = "torch") -> dict:
     """backend "openvino": the same network converted as the engine converts it (backends.py), timed alike."""
     from SegmentMBTFELib import load_model
     from SegmentMBTFELib.inference.backends import cpu_network
+    from SegmentMBTFELib.inference.channels_last import channels_last
+    from SegmentMBTFELib.inference.heap import reusing_memory
     model = load_model(model_folder)
     network, patch = model.network.eval(), [int(p) for p in model.configuration.patch_size]
     channels = len(model.channel_names) + (len(model.labels.foreground_labels)
@@ -78,7 +90,9 @@ def report(model_folder, peak: float, backend: str = "torch") -> dict:
         model.backend = backend
         network = cpu_network(model, 0, torch.device("cpu"), []) or network
         backend = "openvino" if network is not model.network else "torch"
-    per_tile = seconds_per_tile(network, patch, channels)
+    # as the engine runs it (model.py): torch's network channels-last, the heap kept between tiles
+    with reusing_memory(), channels_last(network, torch.device("cpu"), model.labels.num_heads) as network:
+        per_tile = seconds_per_tile(network, patch, channels)
     achieved = flops / per_tile / 1e9
     return {"model": model.name, "patch": patch, "gflops_per_tile": flops / 1e9, "s_per_tile": per_tile,
             "achieved_gflops": achieved, "peak_gflops": peak, "fraction": achieved / peak, "backend": backend}

@@ -26,8 +26,10 @@ from ..networks import build_network, architecture_for_trainer, inference_weight
 from ..progress import Progress
 from ..volume import Volume
 from .backends import cpu_network
+from .channels_last import channels_last
 from .devices import choose_device, device_plans, is_out_of_memory, release_memory
 from .export import export, export_map
+from .heap import reusing_memory
 from .memory import network_bytes, prediction_bytes, refuse_unless_it_fits
 from .postprocessing import apply_postprocessing
 from .preprocessing import preprocess, resampling_kwargs
@@ -300,9 +302,10 @@ class Model:
                 network = converted if on_cpu else self.network.to(plan.network)
                 features = self.configuration.architecture["arch_kwargs"].get("features_per_stage", [32])
                 batch = network_batch_size(self.configuration.patch_size, _first(features), plan.network)
-                with plan.autocast():
+                heads = self.labels.num_heads
+                with plan.autocast(), reusing_memory(), channels_last(network, plan.network, heads) as network:
                     result = self._sliding_window(
-                        network, data, self.configuration.patch_size, self.labels.num_heads, step_size=step_size,
+                        network, data, self.configuration.patch_size, heads, step_size=step_size,
                         mirror_axes=self.mirror_axes if tta else None, device=plan.network,
                         results_device=plan.results, batch_size=batch, progress=_Prefixed(reporter, prefix),
                         pass_entropy=pass_entropy)

@@ -106,8 +106,9 @@ def predict_tiles(network, patches: torch.Tensor, flips: List[tuple], batch_size
     per patch afterwards, so the sums are those of nnU-Net's one-pass-at-a-time loop. With `pass_entropy`
     (logits (n, C, *patch) -> (n, *patch)) it also returns the mean over the copies of each one's entropy.
     """
-    copies = torch.cat([patches] + [torch.flip(patches, axes) for axes in flips])
-    outputs = torch.cat([_run(network, copies[i:i + batch_size]) for i in range(0, copies.shape[0], batch_size)])
+    copies = torch.cat([patches] + [torch.flip(patches, axes) for axes in flips]) if flips else patches
+    outputs = [_run(network, copies[i:i + batch_size]) for i in range(0, copies.shape[0], batch_size)]
+    outputs = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # logits are big: no copy when one batch
     n = patches.shape[0]
     prediction = outputs[:n]
     entropy = pass_entropy(prediction) if pass_entropy else None  # before the sum below changes it

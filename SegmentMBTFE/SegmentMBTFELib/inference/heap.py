@@ -1,0 +1,55 @@
+"""glibc's malloc, asked to keep freed memory for reuse while the sliding window runs.
+
+Why: the sliding window frees and allocates the same activations and logits again for every pair of tiles,
+hundreds or thousands of times. By default glibc returns blocks above its mmap threshold (128 KiB at first,
+32 MiB at most when it adapts) to the system when they are freed and trims the top of its heap, so each tile
+pays page faults to get the same memory back: on bench_big_ct's CT the kernel's share was 40 of 190 CPU
+seconds, and a tile of its network took 0.065 s instead of 0.044 s with the memory kept. Within
+`reusing_memory()`, blocks up to 1 GiB come from the heap and freed ones stay there for the next tile; at the
+end the free memory goes back to the system (malloc_trim) and glibc's default thresholds are set again. The
+tiles' blocks are all alike, so they are reused and peak memory does not grow. The export's are not: kept in
+the heap, its arrays of different sizes fragmented it and the CT's peak grew by 0.8 GB, so it runs with the
+defaults. Other C libraries (macOS, Windows, musl): nothing changes.
+"""
+import ctypes
+import ctypes.util
+import logging
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+KEPT = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 1 << 30}
+DEFAULTS = {M_MMAP_THRESHOLD: 128 << 10, M_TRIM_THRESHOLD: 128 << 10}
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        glibc = all(hasattr(libc, name) for name in ("mallopt", "malloc_trim", "gnu_get_libc_version"))
+        return libc if glibc else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+@contextmanager
+def reusing_memory():
+    """Within the block, freed blocks up to 1 GiB stay in the process for reuse (glibc only)."""
+    if _LIBC is None:
+        yield
+        return
+    _set(KEPT)
+    try:
+        yield
+    finally:
+        _set(DEFAULTS)
+        _LIBC.malloc_trim(0)
+
+
+def _set(values: dict) -> None:
+    for option, value in values.items():
+        if not _LIBC.mallopt(option, value):
+            log.debug("mallopt(%d, %d) was refused", option, value)
