@@ -191,13 +191,14 @@ def test_spline_zoom_in_threads_is_scipys_bit_for_bit(threads):
     from SegmentMBTFELib.inference import spline_zoom
     rng = np.random.default_rng(threads)
     cases = [((30, 41, 27), (45, 20, 27)), ((7, 64, 64), (7, 100, 33)), ((64, 64), (97, 31)),
-             ((3, 50, 50), (2, 25, 80))]
+             ((3, 50, 50), (2, 25, 80)), ((40, 36), (40, 36))]  # the last: a slice of separate z, in-plane unchanged
     for shape, new_shape in cases:
         x = rng.normal(size=shape).astype(np.float32)
         for order in (2, 3, 5):
             expected = zoom(x, [n / o for n, o in zip(new_shape, shape)], order=order, mode="nearest", grid_mode=True,
                             output=np.float64)
-            assert np.array_equal(spline_zoom._zoom_in_parts(x, new_shape, order, threads), expected)
+            if shape != new_shape:
+                assert np.array_equal(spline_zoom._zoom_in_parts(x, new_shape, order, threads), expected)
             assert np.array_equal(spline_zoom.zoom(x, new_shape, order, threads), expected)
 
 

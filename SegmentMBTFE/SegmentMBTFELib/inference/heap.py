@@ -6,7 +6,8 @@ hundreds or thousands of times. By default glibc returns blocks above its mmap t
 pays page faults to get the same memory back: on bench_big_ct's CT the kernel's share was 40 of 190 CPU
 seconds, and a tile of its network took 0.065 s instead of 0.044 s with the memory kept. Within
 `reusing_memory()`, blocks up to 1 GiB come from the heap and freed ones stay there for the next tile; at the
-end the free memory goes back to the system (malloc_trim) and glibc's default thresholds are set again. The
+end the free memory goes back to the system (malloc_trim) and glibc's initial thresholds are set again (fixed
+there: glibc's own adaptation of them does not resume, which only ever raised them up to 32 MiB). The
 tiles' blocks are all alike, so they are reused and peak memory does not grow. The export's are not: kept in
 the heap, its arrays of different sizes fragmented it and the CT's peak grew by 0.8 GB, so it runs with the
 defaults. Other C libraries (macOS, Windows, musl): nothing changes.

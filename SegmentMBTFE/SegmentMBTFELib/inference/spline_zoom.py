@@ -24,6 +24,8 @@ PAD = 12  # what zoom() pads a "nearest" spline with before prefiltering (scipy'
 
 def zoom(x: np.ndarray, new_shape, order: int, threads: int) -> np.ndarray:
     """scipy.ndimage.zoom(x, new_shape / x.shape, order=order, mode="nearest", grid_mode=True, output=float64)."""
+    if tuple(new_shape) == x.shape:  # zoom() returns the input itself then, not its interpolation
+        return x.astype(np.float64)
     if threads > 1 and order > 1 and min(x.shape) > 1:
         try:
             return _zoom_in_parts(x, [int(n) for n in new_shape], order, threads)
