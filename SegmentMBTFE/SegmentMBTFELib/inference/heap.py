@@ -1,16 +1,17 @@
-"""glibc's malloc, asked to keep freed memory for reuse while the sliding window runs.
+"""glibc's malloc, asked to keep freed memory for reuse while the sliding window or a fine-tune's training runs.
 
 Why: the sliding window frees and allocates the same activations and logits again for every pair of tiles,
-hundreds or thousands of times. By default glibc returns blocks above its mmap threshold (128 KiB at first,
-32 MiB at most when it adapts) to the system when they are freed and trims the top of its heap, so each tile
-pays page faults to get the same memory back: on bench_big_ct's CT the kernel's share was 40 of 190 CPU
-seconds, and a tile of its network took 0.065 s instead of 0.044 s with the memory kept. Within
-`reusing_memory()`, blocks up to 1 GiB come from the heap and freed ones stay there for the next tile; at the
-end the free memory goes back to the system (malloc_trim) and glibc's initial thresholds are set again (fixed
-there: glibc's own adaptation of them does not resume, which only ever raised them up to 32 MiB). The
-tiles' blocks are all alike, so they are reused and peak memory does not grow. The export's are not: kept in
-the heap, its arrays of different sizes fragmented it and the CT's peak grew by 0.8 GB, so it runs with the
-defaults. Other C libraries (macOS, Windows, musl): nothing changes.
+hundreds or thousands of times, and a fine-tune the same activations and gradients for every step. By default
+glibc returns blocks above its mmap threshold (128 KiB at first, 32 MiB at most when it adapts) to the system
+when they are freed and trims the top of its heap, so each tile pays page faults to get the same memory back:
+on bench_big_ct's CT the kernel's share was 40 of 190 CPU seconds, and a tile of its network took 0.065 s
+instead of 0.044 s with the memory kept. Within `reusing_memory()`, blocks up to 1 GiB come from the heap and
+freed ones stay there for the next tile; at the end the free memory goes back to the system (malloc_trim) and
+the thresholds are set where glibc's own adaptation settles in a process that has freed big blocks (32 MiB and
+64 MiB; its adaptation does not resume once they are set, and its initial 128 KiB, fixed, made a fine-tune's
+training steps after a prediction 1.37x slower). The tiles' blocks are all alike, so they are reused and peak
+memory does not grow. The export's are not: kept in the heap, its arrays of different sizes fragmented it and
+the CT's peak grew by 0.8 GB, so it runs outside. Other C libraries (macOS, Windows, musl): nothing changes.
 """
 import ctypes
 import ctypes.util
@@ -21,7 +22,9 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 KEPT = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 1 << 30}
-DEFAULTS = {M_MMAP_THRESHOLD: 128 << 10, M_TRIM_THRESHOLD: 128 << 10}
+# after the block: where glibc's own adaptation settles once big blocks have been freed (its mmap threshold
+# rises to the freed block's size up to 32 MiB, the trim threshold to twice that)
+AFTER = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 
 
 def _glibc():
@@ -46,7 +49,7 @@ def reusing_memory():
     try:
         yield
     finally:
-        _set(DEFAULTS)
+        _set(AFTER)
         _LIBC.malloc_trim(0)
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..errors import InputError, ModelError
 from ..inference.devices import choose_device, release_memory
+from ..inference.heap import reusing_memory
 from ..inference.model import Model, _as_3d, _spacing_zyx
 from ..inference.preprocessing import preprocess, resample_label_map
 from ..models.folder import NAMED_NETWORKS
@@ -142,8 +143,9 @@ def finetune(model: Model, cases: Sequence[Case], validation: Sequence[Case] = (
         fold_reporter = train_span.span(i / len(model.folds), (i + 1) / len(model.folds))
         prefix = f"fold {fold} ({i + 1}/{len(model.folds)}): " if len(model.folds) > 1 else ""
         try:
-            weights[fold], losses[fold], stopped = _train_fold(model, i, data, settings, device, fold_budget,
-                                                               fold_reporter, prefix, timing)
+            with reusing_memory():  # each step's activations and gradients: the same memory again (heap.py)
+                weights[fold], losses[fold], stopped = _train_fold(model, i, data, settings, device, fold_budget,
+                                                                   fold_reporter, prefix, timing)
         finally:
             release_memory(device)
         iterations = len(losses[fold])
