@@ -123,7 +123,7 @@ def channels_last(network: nn.Module, device: torch.device, outputs: int):
         return
     # The class is swapped in place rather than the module replaced: nnU-Net's blocks hold the same norm
     # module twice (as `norm` and inside `all_modules`), and a swap keeps both references and the weights.
-    swapped = [(m, type(m), _replacement(m, outputs)) for m in network.modules() if _replacement(m, outputs)]
+    swapped = [(m, type(m), new) for m in network.modules() if (new := _replacement(m, outputs))]
     layout = torch.channels_last_3d if any(isinstance(m, nn.Conv3d) for m in network.modules()) \
         else torch.channels_last
     try:
