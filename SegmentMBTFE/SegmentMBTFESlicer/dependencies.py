@@ -14,10 +14,11 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
+
+from SegmentMBTFELib.requirements import MINIMUM, version_tuple as _version_tuple
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ class Requirement:
         return f"{self.distribution}>={self.minimum}"
 
 
-TORCH = Requirement("torch", "torch", "2.1")
-REQUIREMENTS = (TORCH, Requirement("numpy", "numpy", "1.22"), Requirement("scipy", "scipy", "1.8"),
-                Requirement("SimpleITK", "SimpleITK", "2.2"))
+# The engine's own minimums (SegmentMBTFELib/requirements.py): the module asks for exactly what the engine needs.
+REQUIREMENTS = tuple(Requirement(name, name, minimum) for name, minimum in MINIMUM.items())
+TORCH = REQUIREMENTS[0]
 # Never replaced: pinned at the installed version whenever pip runs.
 PINNED = ("numpy", "scipy", "SimpleITK", "torch", "vtk", "pydicom", "Pillow", "requests", "packaging")
 TORCH_HELP = ("SegmentMBTFE needs PyTorch {minimum} or newer. Install the \"PyTorch\" extension "
@@ -170,12 +171,6 @@ def torch_utils_module():
         return None
     import PyTorchUtils
     return PyTorchUtils
-
-
-def _version_tuple(text: str):
-    """(major, minor, patch) of '2.5.1+cu121' -> (2, 5, 1); enough to compare against our minimums."""
-    numbers = [int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3]]
-    return tuple(numbers + [0] * (3 - len(numbers)))
 
 
 def versions() -> Dict[str, Optional[str]]:
