@@ -20,6 +20,7 @@ import SimpleITK as sitk
 import torch
 
 import model_factory
+from engine_command import cli_command
 from safety_catalogue import malicious_model
 from terminal import interrupt_when
 from SegmentMBTFELib import Cancelled, InputError, load_model
@@ -33,11 +34,6 @@ needs_data = pytest.mark.skipif(not HIPPO_IMAGE.is_file(), reason=f"real test da
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def cli_command() -> list:
-    script = Path(sys.executable).with_name("segment-mbtfe")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "SegmentMBTFELib.cli"]
-
 
 def run_many(arg_lists, timeout=120):
     """Several command lines at once (each mostly waits on importing torch): [(exit code, stdout, stderr)]."""

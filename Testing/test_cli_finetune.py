@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 import model_factory
+from engine_command import cli_command
 from terminal import interrupt_when
 from SegmentMBTFELib import cli, load_model
 from SegmentMBTFELib.errors import ModelError
@@ -71,11 +72,6 @@ def run(capsys, *args):
     code = cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def cli_command() -> list:
-    script = Path(sys.executable).with_name("segment-mbtfe")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "SegmentMBTFELib.cli"]
 
 
 def one_error_line(code, err, *needles):

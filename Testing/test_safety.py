@@ -23,6 +23,7 @@ import pytest
 import SimpleITK as sitk
 
 import model_factory
+from engine_command import cli_command
 import safety_catalogue as catalogue
 from hostile_files import copy_model, smooth_volume, write_dicom_series, write_image
 from safety_catalogue import CASES, Context, Refused, Works, finetune_args, finetune_case_files
@@ -32,11 +33,6 @@ from SegmentMBTFELib.models.versions import ModelVersions, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
-
-
-def cli_command() -> list:
-    script = Path(sys.executable).with_name("segment-mbtfe")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "SegmentMBTFELib.cli"]
 
 
 def snapshot(path: Path) -> dict:

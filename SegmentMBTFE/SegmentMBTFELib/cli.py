@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .errors import Cancelled, InputError, SegmentError
 from .inference.backends import BACKENDS, check_backend
+from .requirements import import_torch_quietly
 
 EXIT_ERROR, EXIT_CANCELLED, EXIT_TERMINATED = 1, 130, 143
 
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR, format="%(message)s")
+    import_torch_quietly()
     try:
         with _sigterm_stops(args.run in (_predict, _finetune, _models_add)):
             return args.run(args) or 0

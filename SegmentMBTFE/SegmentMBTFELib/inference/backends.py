@@ -69,10 +69,10 @@ class OpenVINONetwork:
         self.request = compiled.create_infer_request()
 
     def __call__(self, batch):
-        import torch
+        from ..tensors import to_numpy, to_tensor
         # infer copies its outputs (share_outputs=False), so the next call cannot overwrite this one's
-        outputs = self.request.infer([batch.detach().contiguous().numpy()])
-        return torch.from_numpy(outputs[0])
+        outputs = self.request.infer([to_numpy(batch.contiguous())])
+        return to_tensor(outputs[0])
 
 
 def cpu_network(model, fold: int, device, messages: list) -> Optional[OpenVINONetwork]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..models.folder import Labels
+from ..tensors import to_numpy, to_tensor
 from ..volume import label_dtype
 from .preprocessing import Preprocessed
 from .resampling import resample
@@ -25,7 +26,7 @@ def export(logits: torch.Tensor, pre: Preprocessed, labels: Labels, transpose_ba
            with_probabilities=False, given_probabilities=False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(label map, probabilities or None), both in the original (untransposed) array order.
     given_probabilities: `logits` are already probabilities (nnU-Net v1 averages and resamples those)."""
-    logits = logits.cpu().numpy()
+    logits = to_numpy(logits)
     if with_probabilities:
         logits = resample(logits, pre.shape_after_cropping, pre.model_spacing, pre.spacing, **resampling)
         probabilities = logits if given_probabilities else _probabilities(logits, labels)
@@ -67,16 +68,16 @@ def _resampled(logits: np.ndarray, index: int, pre: Preprocessed, resampling: di
 def _streamed_argmax(classes) -> np.ndarray:
     """argmax over classes given one at a time; a strictly larger value wins, so ties go to the lowest.
     In torch, whose fp16 comparisons run on both cores, 5x faster here than numpy's emulated ones."""
-    best = torch.from_numpy(np.array(next(classes), copy=True))
+    best = to_tensor(np.array(next(classes), copy=True))
     labelmap, index = torch.zeros(best.shape, dtype=torch.uint8), 0
     better = torch.empty(best.shape, dtype=torch.bool)
-    for index, value in enumerate(map(torch.from_numpy, classes), start=1):
+    for index, value in enumerate(map(to_tensor, classes), start=1):
         if index > 255 and labelmap.dtype == torch.uint8:
             labelmap = labelmap.int()  # torch's wider unsigned types cannot be filled; converted below
         torch.gt(value, best, out=better)
         labelmap.masked_fill_(better, index)
         torch.maximum(best, value, out=best)
-    return labelmap.numpy().astype(label_dtype(index), copy=False)
+    return to_numpy(labelmap).astype(label_dtype(index), copy=False)
 
 
 def _streamed_regions(classes, labels: Labels) -> np.ndarray:
@@ -85,13 +86,13 @@ def _streamed_regions(classes, labels: Labels) -> np.ndarray:
     for value, logits in zip(labels.regions_class_order, classes):
         if labelmap is None:
             labelmap = np.zeros(logits.shape, dtype=label_dtype(max(labels.regions_class_order)))
-        labelmap[torch.sigmoid(torch.from_numpy(logits).float()).numpy() > 0.5] = value
+        labelmap[to_numpy(torch.sigmoid(to_tensor(logits).float())) > 0.5] = value
     return labelmap
 
 
 def _probabilities(logits: np.ndarray, labels: Labels) -> np.ndarray:
-    t = torch.from_numpy(logits).float()
-    return (torch.sigmoid(t) if labels.has_regions else torch.softmax(t, 0)).numpy()
+    t = to_tensor(logits).float()
+    return to_numpy(torch.sigmoid(t) if labels.has_regions else torch.softmax(t, 0))
 
 
 def _labels(logits: np.ndarray, labels: Labels, probabilities: Optional[np.ndarray]) -> np.ndarray:

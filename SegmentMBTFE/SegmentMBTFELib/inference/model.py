@@ -24,6 +24,7 @@ from ..models.checkpoint import load_checkpoint, load_weights
 from ..models.folder import ModelFolder, checkpoint_filename
 from ..networks import build_network, architecture_for_trainer, inference_weights
 from ..progress import Progress
+from ..tensors import to_tensor
 from ..volume import Volume
 from .backends import cpu_network
 from .channels_last import channels_last
@@ -235,7 +236,7 @@ class Model:
         pass_entropy = _pass_entropy(self.labels.has_regions) if case.uncertainty and passes > 1 else None
         try:
             case.logits, case.expected = self._ensemble_logits(
-                torch.from_numpy(case.pre.data), case.device, case.step_size, case.tta,
+                to_tensor(case.pre.data), case.device, case.step_size, case.tta,
                 case.reporter.span(0.05, 0.95), case.messages, pass_entropy)
         finally:  # give the GPU memory back: Slicer and other programs share it
             self.network.to("cpu")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..tensors import to_numpy, to_tensor
 from . import spline_zoom
 
 ANISOTROPY_THRESHOLD = 3  # nnU-Net's ANISO_THRESHOLD
@@ -49,7 +50,7 @@ def resample(data: np.ndarray, new_shape: Sequence[int], current_spacing, new_sp
     out = np.empty((data.shape[0], *new_shape), dtype=out_dtype or data.dtype)
     for c in range(data.shape[0]):
         # through torch: the same rounding as numpy's (to nearest, ties to even), 7x faster to fp16 here
-        torch.from_numpy(out[c]).copy_(torch.from_numpy(_resample_channel(data[c], new_shape, axis, order, order_z)))
+        to_tensor(out[c]).copy_(to_tensor(_resample_channel(data[c], new_shape, axis, order, order_z)))
     return out
 
 
@@ -89,8 +90,8 @@ def _resize(x, new_shape, order):
 
 def _resize_linear(x, new_shape, batched=False):
     """Linear (order 1) resize with half-pixel centres and edge clamping, in float32 through torch."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    t = to_tensor(np.ascontiguousarray(x)).float()
     t = t[:, None] if batched else t[None, None]
     mode = "bilinear" if len(new_shape) == 2 else "trilinear" if len(new_shape) == 3 else "linear"
     out = F.interpolate(t, size=list(new_shape), mode=mode, align_corners=False)
-    return (out[:, 0] if batched else out[0, 0]).numpy()
+    return to_numpy(out[:, 0] if batched else out[0, 0])

@@ -14,6 +14,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ..progress import Progress
+from ..tensors import to_tensor
 
 
 def tile_starts(image_size: Sequence[int], patch_size: Sequence[int], step_size: float) -> List[List[int]]:
@@ -52,7 +53,7 @@ def _gaussian(patch_size: tuple) -> np.ndarray:
 
 def gaussian_weights(patch_size: Sequence[int], device) -> torch.Tensor:
     """nnU-Net's tile weight: a Gaussian with sigma patch/8, peak 10, in fp16, zeros lifted to the smallest value."""
-    g = torch.from_numpy(_gaussian(tuple(int(p) for p in patch_size))).to(device=device, dtype=torch.float16)
+    g = to_tensor(_gaussian(tuple(int(p) for p in patch_size))).to(device=device, dtype=torch.float16)
     zero = g == 0
     g[zero] = torch.min(g[~zero])
     return g

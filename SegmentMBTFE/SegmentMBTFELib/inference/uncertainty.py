@@ -25,6 +25,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ..tensors import to_numpy
+
 SLAB = 8                  # slices of the first axis per step when computing the maps from all classes
 UNCERTAIN_ABOVE = 0.5     # default threshold of the table's "uncertain voxels" fraction
 OUTSIDE = {"entropy": 0.0, "confidence": 1.0, "disagreement": 0.0}  # outside the crop: background for sure
@@ -57,11 +59,11 @@ def maps_at_model_spacing(logits: torch.Tensor, expected_entropy: Optional[torch
     sure = np.empty(spatial, np.float32)
     for start in range(0, spatial[0], SLAB):
         slab = logits[:, start:start + SLAB].float()
-        entropy[start:start + SLAB] = normalized_entropy(slab, regions).numpy()
-        sure[start:start + SLAB] = confidence(slab, regions).numpy()
+        entropy[start:start + SLAB] = to_numpy(normalized_entropy(slab, regions))
+        sure[start:start + SLAB] = to_numpy(confidence(slab, regions))
     maps = {"entropy": entropy, "confidence": sure}
     if expected_entropy is not None:
-        maps["disagreement"] = np.clip(entropy - expected_entropy.float().numpy(), 0.0, 1.0)
+        maps["disagreement"] = np.clip(entropy - to_numpy(expected_entropy.float()), 0.0, 1.0)
     return maps
 
 

@@ -4,9 +4,15 @@
 checkpoints hold, besides tensors, numpy scalars and dtypes (training logs, `_best_ema`); those, and
 nothing else, are allowed. A checkpoint that needs any other global (a class, `os.system`, ...) is
 refused with a message naming it, so a malicious file cannot execute code by being opened.
+
+torch 2.2 and 2.3 (2.2.2 is the newest torch for macOS x86_64, Slicer's macOS builds) have weights_only but
+cannot add numpy's scalars to its allow-list. There torch.load is given an unpickler whose `find_class` allows
+exactly torch's own weights_only list plus the same numpy objects (the restriction Python's pickle documents
+for untrusted data); everything else torch.load does (storages, tensors) is unchanged.
 """
 import contextlib
 import pickle
+import types
 import zipfile
 from pathlib import Path
 
@@ -14,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from ..requirements import MINIMUM, too_old
 
 
 def _numpy_globals():
@@ -36,11 +43,13 @@ def load_checkpoint(path, weights_key: str = "network_weights", kind: str = "an 
     """The checkpoint's dict, loaded as data only. Raises ModelError with one line on any problem.
     nnU-Net v1's `.model` files hold their weights under `state_dict` (nnunet_v1.py passes that key)."""
     path = Path(path)
+    if too_old("torch", torch.__version__):
+        raise ModelError(f"torch {torch.__version__} is too old for SegmentMBTFE: it needs torch {MINIMUM['torch']} "
+                         "or newer.")
     if not path.is_file():
         raise ModelError(f"Checkpoint not found: {path}")
     try:
-        with _allowed(_numpy_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = _load_data_only(path)
     except pickle.UnpicklingError as error:
         refused = _offending_global(error)
         if refused is None:  # not a refused global but bytes the unpickler cannot parse: damage
@@ -77,14 +86,47 @@ def _other_zip(path: Path) -> str:
     return shown or "nothing"
 
 
+def _load_data_only(path: Path, modern: bool = None):
+    """torch.load allowing only weights, numbers and the numpy objects (see the module's docstring)."""
+    modern = hasattr(torch.serialization, "add_safe_globals") if modern is None else modern
+    if modern:
+        with _allowed(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle())
+
+
 def _allowed(globals_):
     """torch >= 2.5 scopes the allow-list to this load; torch 2.4 can only extend it for the process."""
     if hasattr(torch.serialization, "safe_globals"):
         return torch.serialization.safe_globals(globals_)
-    if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals(globals_)
-        return contextlib.nullcontext()
-    raise ModelError(f"torch {torch.__version__} cannot load checkpoints safely; torch 2.4 or newer is needed.")
+    torch.serialization.add_safe_globals(globals_)
+    return contextlib.nullcontext()
+
+
+def _restricted_pickle():
+    """A pickle module for torch.load whose unpickler finds only allowed globals (torch < 2.4)."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+    import codecs
+    import collections
+    # plain data that later torch allows as well: numpy's scalars carry their bytes through _codecs.encode,
+    # and checkpoints written by torch >= 2.4 name devices
+    later = {"_codecs.encode": codecs.encode, "builtins.set": set, "builtins.bytearray": bytearray,
+             "builtins.complex": complex, "collections.Counter": collections.Counter, "torch.device": torch.device}
+    allowed = {**_get_allowed_globals(), **later}
+    for entry in _numpy_globals():
+        value, name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
+        allowed[name] = value
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            found = allowed.get(f"{module}.{name}")
+            if found is None:  # worded as torch words it, which _offending_global reads
+                raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name} was not an allowed global")
+            return found
+
+    def load(file, **kwargs):
+        return Unpickler(file, **kwargs).load()
+    return types.SimpleNamespace(Unpickler=Unpickler, load=load, __name__="restricted_pickle")
 
 
 def _plain_keys(state_dict):

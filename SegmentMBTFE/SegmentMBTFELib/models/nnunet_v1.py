@@ -633,13 +633,14 @@ def predict_probabilities_v1(network, data, patch_size, num_heads: int, *, step_
     import torch
     from ..inference.sliding_window import _run, pad_to_patch, tiles
     from ..progress import Progress
+    from ..tensors import to_tensor
     progress = progress or Progress()
     padded, undo = pad_to_patch(data, patch_size)
     padded = padded.to(results_device)
     spatial = padded.shape[1:]
     all_tiles = tiles(spatial, patch_size, step_size)
     per_window = len(all_tiles) // spatial[0] if len(patch_size) < len(spatial) else len(all_tiles)
-    gaussian = torch.from_numpy(_gaussian_v1(tuple(int(p) for p in patch_size))).to(results_device) \
+    gaussian = to_tensor(_gaussian_v1(tuple(int(p) for p in patch_size))).to(results_device) \
         if per_window > 1 else None
     weight = gaussian if gaussian is not None else torch.ones(tuple(patch_size), device=results_device)
     probabilities = torch.zeros((num_heads, *spatial), dtype=torch.float32, device=results_device)

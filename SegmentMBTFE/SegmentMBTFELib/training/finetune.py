@@ -42,6 +42,7 @@ from ..inference.preprocessing import preprocess, resample_label_map
 from ..models.folder import NAMED_NETWORKS
 from ..networks import architecture_for_trainer, build_network
 from ..progress import Progress
+from ..tensors import to_tensor
 from ..volume import Volume
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def _training_data(model: Model, case: Case) -> _TrainingData:
         where = np.argwhere(seg == label)
         if len(where):
             foreground[label] = where[rng.choice(len(where), min(len(where), 10000), replace=False)]
-    return _TrainingData(torch.from_numpy(pre.data), seg, foreground)
+    return _TrainingData(to_tensor(pre.data), seg, foreground)
 
 
 # -- one fold ------------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
     trainable = [p for p in network.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, settings.learning_rate, momentum=0.99, nesterov=True, weight_decay=3e-5)
     mixed = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if mixed else None
+    scaler = _grad_scaler() if mixed else None
     loss_fn = _Loss(model)
     sampler = _PatchSampler(model, data, device, rng)
     images_on_device = [d.image.to(device) for d in data]
@@ -314,6 +315,13 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
     state = {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
     state.update(getattr(model, "training_only_weights", [{}] * (index + 1))[index])  # e.g. a VAE branch, unchanged
     return state, losses, stopped
+
+
+def _grad_scaler():
+    """Mixed precision's loss scaler: torch.amp's from torch 2.3, torch.cuda.amp's before (macOS's torch 2.2)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
 
 
 def _duration(seconds: float) -> str:
@@ -402,7 +410,7 @@ class _PatchSampler:
         self.is_2d = len(self.patch) == 2
         self.data, self.rng = data, rng
         self._rounds = {}  # "any" / "foreground" -> the cases still to draw in this round
-        self.labels = [torch.from_numpy(d.labels.astype(np.float32))[None, None].to(device) for d in data]
+        self.labels = [to_tensor(d.labels.astype(np.float32))[None, None].to(device) for d in data]
         self.mirror_axes = tuple(model.mirror_axes or ())
         self.in_plane_only = not self.is_2d and max(self.patch) / min(self.patch) > 3
         axes = [torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2 for p in self.patch]
@@ -476,8 +484,8 @@ class _PatchSampler:
 
     def _grid(self, center, matrix, shape):
         """grid_sample's normalised (x, y[, z]) grid for the patch around `center`."""
-        m = torch.as_tensor(matrix, dtype=torch.float32, device=self.offsets.device)
-        source = self.offsets @ m.T + torch.tensor(center, dtype=torch.float32, device=self.offsets.device)
+        m = to_tensor(np.asarray(matrix, np.float32)).to(self.offsets.device)
+        source = self.offsets @ m.T + torch.tensor([float(c) for c in center], dtype=torch.float32, device=self.offsets.device)
         size = torch.tensor([max(s - 1, 1) for s in shape], dtype=torch.float32, device=self.offsets.device)
         return (2 * source / size - 1).flip(-1)[None]
 
