@@ -2,7 +2,8 @@
 
 - `fake_slicer_python(folder)`: a venv whose site-packages shows this environment's packages (symlinks: they
   are used, never written) minus torch and everything built on it, with numpy as a hard-linked copy (so a pip
-  that wrongly replaced it would change only the copy). Its bin/ holds `PythonSlicer`, as Slicer's does.
+  that wrongly replaced it would change only the copy). Its bin/ holds `PythonSlicer`, a launcher that
+  starts the real Python as its child, as Slicer's does (killing the launcher leaves that Python running).
 - `build_index(folder)`: wheels pip really installs: torch 2.2.0 (with a few MB of payload, so the served
   download takes seconds) and torchvision 0.17.0 (needs torch==2.2.0); `import torch` appends the importing
   process's pid to $FAKE_TORCH_MARKS. A second index, "greedy", offers torch 2.3.0 that wants numpy<1
@@ -23,6 +24,11 @@ from pathlib import Path
 
 HIDDEN = ("torch", "torchvision", "torchaudio", "functorch", "torchgen", "nvidia", "triton", "light_the_torch")
 COPIED = ("numpy",)   # hard-linked, not symlinked: pip may remove these (only when a test's feature is broken)
+# As Slicer's PythonSlicer (a CTKAppLauncher): the real Python runs as its child, with its stdio, and a
+# signal to the launcher does not reach it.
+LAUNCHER = """#!/bin/sh
+"$(dirname "$0")/python" "$@"
+"""
 TORCH_INIT = """import os
 __version__ = {version!r}
 if os.environ.get("FAKE_TORCH_MARKS"):
@@ -54,7 +60,9 @@ def fake_slicer_python(folder: Path) -> Path:
         else:
             (site / entry).symlink_to(here / entry)
     python = folder / "bin" / "python"
-    (folder / "bin" / "PythonSlicer").symlink_to("python")
+    launcher = folder / "bin" / "PythonSlicer"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
     return python
 
 

@@ -75,12 +75,14 @@ def panel_session(scenario, report):
         slicer_app.run_event_loop(lambda: "Downloading" in widget.ui.statusLabel.text(), timeout=60)
         report["cancel_enabled"] = widget.ui.cancelButton.isEnabled()
         report["pid_before_cancel_alive"] = alive(job.pid)
+        launcher = int(job.process.processId())
+        report["behind_a_launcher"] = launcher != job.pid
         cancelled = time.perf_counter()
         widget.ui.cancelButton.click()
         slicer_app.run_event_loop(lambda: widget.jobs.job is None, timeout=30)
         report["cancel_seconds"] = time.perf_counter() - cancelled
         time.sleep(0.2)
-        report["pid_after_cancel_alive"] = alive(job.pid)
+        report["pid_after_cancel_alive"] = alive(job.pid) or alive(launcher)
     else:
         slicer_app.run_event_loop(lambda: widget.jobs.job is None, timeout=120)
     meter.timer.stop()
