@@ -33,23 +33,24 @@ KILL_GRACE_MS = 2000   # a process that has not ended this long after Cancel is 
 PID_LINE = "SegmentMBTFE-install pid "
 # Runs in Slicer's Python as `-c CHILD module arguments...`: it leads a process group of its own (POSIX),
 # says its pid, and when its input closes (Cancel, or Slicer gone) ends itself and all it started; then it
-# runs the module (pip, light_the_torch) as `python -m module arguments...` would.
+# runs the module (pip, light_the_torch) as `python -m module arguments...` would. No double quotes: the
+# launcher passes the code on as one more command line, which on Windows quotes with them.
 CHILD = r"""
 import os, runpy, subprocess, sys, threading
 def end_all():
     while os.read(0, 65536):  # not sys.stdin: its lock, held here, would abort the normal exit
         pass
-    if os.name == "nt":
-        subprocess.call(["taskkill", "/F", "/T", "/PID", str(os.getpid())],
+    if os.name == 'nt':
+        subprocess.call(['taskkill', '/F', '/T', '/PID', str(os.getpid())],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
         os.killpg(os.getpgrp(), 9)
-if os.name != "nt":
+if os.name != 'nt':
     os.setpgrp()
-print("%s" + str(os.getpid()), flush=True)
+print('%s' + str(os.getpid()), flush=True)
 threading.Thread(target=end_all, daemon=True).start()
 del sys.argv[0]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
 """ % PID_LINE
 
 Step = Tuple[str, str, List[str]]   # (what the user reads, e.g. "Installing PyTorch", module, its arguments)
