@@ -260,7 +260,8 @@ class FinetuneSection:
     def onCancelButton(self) -> None:
         if self.running:
             self.jobs.cancel()
-            self.ui.finetuneStatusLabel.setText("Cancelling (stops after the current iteration)...")
+            self.ui.finetuneStatusLabel.setText("Cancelling the package install..." if self.jobs.installing
+                                                else "Cancelling (stops after the current iteration)...")
 
     def onProgress(self, fraction: float, stage: str) -> None:
         panel.show_fraction(self.ui.finetuneProgressBar, fraction)

@@ -31,6 +31,11 @@ class JobController:
         return self.kind is not None
 
     @property
+    def installing(self) -> bool:
+        """The job is the package install that comes before the section's own job."""
+        return self.job is not None and self.job.kind == "install"
+
+    @property
     def cancelling(self) -> bool:
         return self.job is not None and self.job.cancelling
 

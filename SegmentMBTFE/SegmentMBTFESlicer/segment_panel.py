@@ -278,7 +278,8 @@ class SegmentSection:
     def onCancelButton(self) -> None:
         if self.jobs.kind == "segmentation":
             self.jobs.cancel()
-            self.ui.statusLabel.setText(_("Cancelling (stops after the current tile)..."))
+            self.ui.statusLabel.setText(_("Cancelling the package install...") if self.jobs.installing
+                                        else _("Cancelling (stops after the current tile)..."))
 
     def onProgress(self, fraction: float, stage: str) -> None:
         panel.show_fraction(self.ui.progressBar, fraction)

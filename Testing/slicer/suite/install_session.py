@@ -79,6 +79,7 @@ def panel_session(scenario, report):
         report["behind_a_launcher"] = launcher != job.pid
         cancelled = time.perf_counter()
         widget.ui.cancelButton.click()
+        report["cancelling_shown"] = widget.ui.statusLabel.text()
         slicer_app.run_event_loop(lambda: widget.jobs.job is None, timeout=30)
         report["cancel_seconds"] = time.perf_counter() - cancelled
         time.sleep(0.2)

@@ -130,7 +130,7 @@ def test_cancel_stops_the_install_and_its_process(index, tmp_path):
     report = install_session("cancel", index["normal"], tmp_path)
     """Cancel while pip downloads: pip's process (behind the PythonSlicer launcher) is gone within 3 s."""
     assert report["install_started"] and report["cancel_enabled"] and report["pid_before_cancel_alive"]
-    assert report["behind_a_launcher"]
+    assert report["behind_a_launcher"] and report["cancelling_shown"] == "Cancelling the package install..."
     assert not report["pid_after_cancel_alive"] and report["cancel_seconds"] < 3, report["cancel_seconds"]
     assert report["status"] == "Cancelled: nothing was changed." and not report["segmentation_started"]
     assert report["missing_after"] == ["torch"] and not report["busy_after"]
