@@ -144,7 +144,8 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         return SegmentMBTFEParameterNode(super().getParameterNode())
 
     def ensureDependencies(self, askConfirmation: bool = True) -> None:
-        """Install missing Python packages (PyTorch through the PyTorch extension); raise if any stay missing."""
+        """Install missing Python packages (pip in a process of its own; Slicer keeps painting), after asking;
+        raise if any stay missing (Cancelled when cancelled)."""
         dependencies.ensure_in_slicer(askConfirmation)
 
     def availableModels(self) -> list:

@@ -1,22 +1,28 @@
 """The engine's Python packages inside Slicer: check them, and install only what is missing.
 
 Rules, from what users of other AI extensions complain about:
-- PyTorch comes from the PyTorch extension's `PyTorchUtils`, which picks the build that fits the GPU and
-  driver. Without that extension we say exactly what to install rather than pulling a multi-gigabyte
-  wheel that may not match the GPU.
-- Everything else is installed only when it is missing, under constraints that pin every package
-  already there (numpy, SimpleITK, scipy, torch, ... as Slicer ships them), so pip can never replace
-  one Slicer relies on.
-Finding a package uses `importlib.util.find_spec` and package metadata, never an import: importing
-torch takes seconds and must happen only when a model actually runs.
+- Nothing is imported to check: `importlib.util.find_spec` and package metadata only. Slicer's process
+  never imports torch (the engine runs in a worker process), not even to install it.
+- Installing never blocks Slicer and can be cancelled: pip runs in a process of its own whose output
+  arrives as Qt events (installer.py); the panel shows it with a busy bar and a Cancel button. Slicer's
+  `pip_install` and the PyTorch extension's `installTorch` wait on the main thread, and `installTorch`
+  ends with `import torch` in Slicer's process, so neither is used.
+- PyTorch: torch >= the engine's minimum and torchvision (the pair the PyTorch extension installs, so a
+  later torchvision install does not pull another torch), with light-the-torch as the PyTorch extension
+  uses it (the build for this GPU and driver) when it is there, else with pip's default build.
+  light-the-torch is not installed here: it pins pip and would replace Slicer's.
+- Whatever is installed, pip runs under constraints that pin every package already there (numpy, SimpleITK,
+  scipy, pip, ... as Slicer ships them), so it can never replace one Slicer relies on.
+- What is too old is not replaced: the message says the one step that upgrades it.
 """
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from SegmentMBTFELib.requirements import MINIMUM, version_tuple as _version_tuple
 
@@ -38,10 +44,12 @@ class Requirement:
 REQUIREMENTS = tuple(Requirement(name, name, minimum) for name, minimum in MINIMUM.items())
 TORCH = REQUIREMENTS[0]
 # Never replaced: pinned at the installed version whenever pip runs.
-PINNED = ("numpy", "scipy", "SimpleITK", "torch", "vtk", "pydicom", "Pillow", "requests", "packaging")
-TORCH_HELP = ("SegmentMBTFE needs PyTorch {minimum} or newer. Install the \"PyTorch\" extension "
-              "(View > Extensions Manager, search \"PyTorch\"), restart Slicer, then click Segment again: "
-              "it installs the PyTorch build that fits your GPU.")
+PINNED = ("numpy", "scipy", "SimpleITK", "torch", "vtk", "pydicom", "Pillow", "requests", "packaging", "pip")
+TORCH_TOO_OLD = ("SegmentMBTFE needs PyTorch {minimum} or newer and finds torch {found}, which neither Slicer nor "
+                 "the PyTorch extension upgrades: run slicer.util.pip_install(\"--upgrade torch>={minimum} "
+                 "torchvision\") in the Python console (View > Python Console), then restart Slicer.")
+SLICER_TOO_OLD = ("SegmentMBTFE cannot use the installed {what}, which come(s) with Slicer and is not replaced: "
+                  "use a newer Slicer.")
 
 
 class DependencyError(Exception):
@@ -50,8 +58,8 @@ class DependencyError(Exception):
 
 @dataclass
 class Status:
-    missing: List[Requirement]     # not installed at all
-    too_old: List[str]             # "name X.Y (needs >= A.B)"
+    missing: List[Requirement]                   # not installed at all
+    too_old: List[Tuple[Requirement, str]]       # with the version found
 
     @property
     def ready(self) -> bool:
@@ -62,13 +70,18 @@ class Status:
         if self.missing:
             parts.append("missing: " + ", ".join(r.distribution for r in self.missing))
         if self.too_old:
-            parts.append("too old: " + ", ".join(self.too_old))
+            parts.append("too old: " + ", ".join(_too_old_text(r, found) for r, found in self.too_old))
         return "; ".join(parts)
 
 
-def check(requirements=None, find_spec=importlib.util.find_spec,
+def _too_old_text(requirement: Requirement, found: str) -> str:
+    return f"{requirement.distribution} {found} (needs >= {requirement.minimum})"
+
+
+def check(requirements=None, find_spec: Callable = None,
           version: Callable[[str], Optional[str]] = None) -> Status:
     """What is missing or too old (of REQUIREMENTS unless given), without importing anything."""
+    find_spec = find_spec or importlib.util.find_spec
     version = version or installed_version
     requirements = REQUIREMENTS if requirements is None else requirements
     missing, too_old = [], []
@@ -78,77 +91,99 @@ def check(requirements=None, find_spec=importlib.util.find_spec,
             continue
         found = version(requirement.distribution)
         if found and _version_tuple(found) < _version_tuple(requirement.minimum):
-            too_old.append(f"{requirement.distribution} {found} (needs >= {requirement.minimum})")
+            too_old.append((requirement, found))
     return Status(missing, too_old)
 
 
-def ensure(confirm: Callable[[str], bool], pip_install: Callable[[List[str]], None],
-           torch_utils=None, requirements=None, status: Status = None) -> None:
-    """Install what is missing, after the user agrees. Raises DependencyError when something stays missing.
+def too_old_message(status: Status) -> str:
+    """The truth about a too-old package: nothing here upgrades it; the one step that does."""
+    torch = [found for r, found in status.too_old if r.module == TORCH.module]
+    if torch:
+        return TORCH_TOO_OLD.format(minimum=TORCH.minimum, found=torch[0])
+    return SLICER_TOO_OLD.format(what=", ".join(_too_old_text(r, found) for r, found in status.too_old))
 
-    `torch_utils` is the PyTorch extension's module (`import PyTorchUtils`) or None when it is not
-    installed; `pip_install` is Slicer's `slicer.util.pip_install` (a list of pip arguments).
-    """
-    status = status or check(requirements)
-    if status.ready:
-        return
-    if status.too_old:
-        raise DependencyError("SegmentMBTFE cannot use the installed " + ", ".join(status.too_old) +
-                              "; these come with Slicer or another extension and are not replaced: "
-                              "update Slicer or the PyTorch extension.")
+
+def confirmation(status: Status) -> str:
     names = ", ".join(r.distribution for r in status.missing)
-    if not confirm(f"SegmentMBTFE needs these Python packages, which are not installed yet: {names}.\n\n"
-                   "Install them now? This can take a few minutes."):
-        raise DependencyError(f"Not installed: {names}. Segmenting needs them.")
-    others = [r for r in status.missing if r.module != TORCH.module]
-    if any(r.module == TORCH.module for r in status.missing):
-        install_torch(torch_utils)
-    if others:  # the constraints file lives only as long as pip needs it
-        with tempfile.TemporaryDirectory(prefix="SegmentMBTFE-") as folder:
-            pip_install(pip_arguments(others, folder))
+    download = " (PyTorch is a download of up to a few GB)" if TORCH in status.missing else ""
+    return (f"SegmentMBTFE needs these Python packages, which are not installed yet: {names}.\n\n"
+            f"Install them now? This can take a few minutes{download}; Slicer stays usable and the panel's "
+            "Cancel button stops it.")
 
 
-_installing = [False]  # an install pumps Qt events (pip, PyTorchUtils): a second one must not start meanwhile
+def install_steps(status: Status, constraints: str, light_the_torch: bool = None) -> list:
+    """installer.InstallJob's steps for what is missing, each under the constraints file `constraints`."""
+    if light_the_torch is None:
+        light_the_torch = importlib.util.find_spec("light_the_torch") is not None
+    steps = []
+    if TORCH in status.missing:
+        steps.append(("Installing PyTorch", "light_the_torch" if light_the_torch else "pip",
+                      ["install", TORCH.specifier, "torchvision", "--constraint", constraints]))
+    others = [r for r in status.missing if r != TORCH]
+    if others:
+        steps.append(("Installing " + ", ".join(r.distribution for r in others), "pip",
+                      ["install", *[r.specifier for r in others], "--constraint", constraints]))
+    return steps
 
 
-def ensure_in_slicer(ask_confirmation: bool = True) -> None:
-    """`ensure` with Slicer's pip and PyTorch extension; refuses to start while an install is under way."""
+_current = [None]  # the install under way (the panel's or the console's): never two at once
+
+
+def start_in_slicer(on_progress=None, on_finished=None, ask_confirmation: bool = True):
+    """Start installing what is missing, after the user agrees, and return the installer.InstallJob (None
+    when nothing is missing). on_finished(outcome) comes once; a successful outcome means all is there.
+    Raises DependencyError when something is too old, the user declines, or an install already runs."""
+    from . import installer
     status = check()
     if status.ready:
-        return
-    if _installing[0]:
+        return None
+    if _current[0] is not None and not _current[0].finished:
         raise DependencyError("SegmentMBTFE's Python packages are being installed; wait for it to finish.")
+    if status.too_old:
+        raise DependencyError(too_old_message(status))
     import slicer
-    confirm = slicer.util.confirmOkCancelDisplay if ask_confirmation else (lambda text: True)
-    _installing[0] = True
-    try:
-        ensure(confirm, slicer.util.pip_install, torch_utils_module(), status=status)
-    finally:
-        _installing[0] = False
+    if ask_confirmation and not slicer.util.confirmOkCancelDisplay(confirmation(status)):
+        raise DependencyError(f"Not installed: {', '.join(r.distribution for r in status.missing)}. "
+                              "Segmenting needs them.")
+    folder = tempfile.mkdtemp(prefix="SegmentMBTFE-")  # the constraints file lives as long as the install
+    constraints = os.path.join(folder, "constraints.txt")
+    with open(constraints, "w") as f:
+        f.write(constraints_text())
+    job = installer.InstallJob(install_steps(status, constraints), folder, on_progress,
+                               lambda outcome: _installed(outcome, on_finished))
+    _current[0] = job
+    return job.start()
 
 
-def install_torch(torch_utils) -> None:
-    """PyTorch through the PyTorch extension (the build for this GPU and driver), or a clear instruction."""
-    if torch_utils is None:
-        raise DependencyError(TORCH_HELP.format(minimum=TORCH.minimum))
-    torch = torch_utils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                          torchVersionRequirement=f">={TORCH.minimum}")
-    if torch is None:
-        raise DependencyError("PyTorch was not installed (cancelled or failed; see the log). "
-                              "Install it from the PyTorch Utils module, then click Segment again.")
+def _installed(outcome, on_finished) -> None:
+    """The install's outcome in the module's words; a successful one only when everything is there now."""
+    if outcome.cancelled:
+        pass  # ended as the user asked: the panel says so, the console raises Cancelled
+    elif outcome.error is not None:
+        outcome.error = DependencyError(str(outcome.error))
+    else:
+        importlib.invalidate_caches()  # the new packages' folders appeared while Python was running
+        status = check()
+        if not status.ready:
+            outcome.error = DependencyError(f"pip finished, but SegmentMBTFE still finds its packages {status.message()} "
+                                            "(see the log).")
+    if on_finished:
+        on_finished(outcome)
 
 
-def pip_arguments(requirements: List[Requirement], constraints_dir: str) -> List[str]:
-    """pip arguments installing `requirements` with every already-installed PINNED package held in place
-    (by a constraints file written into `constraints_dir`)."""
-    constraints = constraints_text()
-    arguments = [r.specifier for r in requirements]
-    if constraints:
-        path = os.path.join(constraints_dir, "constraints.txt")
-        with open(path, "w") as f:
-            f.write(constraints)
-        arguments += ["--constraint", path]
-    return arguments
+def ensure_in_slicer(ask_confirmation: bool = True, cancel=None) -> None:
+    """start_in_slicer, waiting for the install (console calls; Slicer keeps painting, pip's lines go to the
+    log; `cancel`, a threading.Event, stops it). Raises DependencyError when something stays missing,
+    Cancelled when cancelled."""
+    job = start_in_slicer(ask_confirmation=ask_confirmation)
+    if job is None:
+        return
+    outcome = job.wait(cancel)
+    if outcome.cancelled:
+        from SegmentMBTFELib.errors import Cancelled
+        raise Cancelled()
+    if outcome.error is not None:
+        raise outcome.error
 
 
 def constraints_text(version: Callable[[str], Optional[str]] = None) -> str:
@@ -163,14 +198,6 @@ def installed_version(distribution: str) -> Optional[str]:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def torch_utils_module():
-    """The PyTorch extension's Python module, when that extension is installed."""
-    if importlib.util.find_spec("PyTorchUtils") is None:
-        return None
-    import PyTorchUtils
-    return PyTorchUtils
 
 
 def versions() -> Dict[str, Optional[str]]:

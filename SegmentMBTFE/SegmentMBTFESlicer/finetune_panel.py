@@ -48,7 +48,9 @@ def button_state(model, segmentation_node, volumes: Sequence, running: bool, pro
 
 
 def progress_text(fraction: float, stage: str) -> str:
-    """'Fine-tuning: iteration 3/5, loss 0.412, about 4 s left (60%)'."""
+    """'Fine-tuning: iteration 3/5, loss 0.412, about 4 s left (60%)'; a stage without a fraction as it is."""
+    if fraction < 0:
+        return stage
     return f"Fine-tuning: {stage} ({int(round(100 * fraction))}%)" if stage else f"Fine-tuning ({int(100 * fraction)}%)"
 
 
@@ -240,9 +242,9 @@ class FinetuneSection:
             panel.show_error(error, traceback.format_exc(), title="Fine-tuning failed")
 
     def _begin(self, model, onProgress, onFinished):
-        """Under the busy flag: packages, the corrected cases copied out of the scene, then the job."""
+        """Under the busy flag, the packages installed (job_controller): the corrected cases copied out of the
+        scene, then the job."""
         ui = self.ui
-        self.logic.ensureDependencies()
         minutes = float(ui.finetuneMinutesSpinBox.property("value"))
         segmentations, volumes = self.cases()
         plan = runner.prepare_finetune(segmentations, volumes, model.path)
@@ -250,7 +252,7 @@ class FinetuneSection:
             int(ui.finetuneIterationsSpinBox.property("value")), minutes or None,
             float(ui.finetuneLearningRateSpinBox.property("value")), ui.freezeEncoderCheckBox.isChecked(),
             self.segment.device())
-        ui.finetuneProgressBar.setValue(0)
+        panel.show_fraction(ui.finetuneProgressBar, 0.0)
         ui.finetuneStatusLabel.setText("Starting...")
         ui.finetuneResultLabel.setText("")
         return logic.start_finetune(plan, settings, on_progress=onProgress, on_finished=onFinished, claimed=True)
@@ -258,25 +260,26 @@ class FinetuneSection:
     def onCancelButton(self) -> None:
         if self.running:
             self.jobs.cancel()
-            self.ui.finetuneStatusLabel.setText("Cancelling (stops after the current iteration)...")
+            self.ui.finetuneStatusLabel.setText("Cancelling the package install..." if self.jobs.installing
+                                                else "Cancelling (stops after the current iteration)...")
 
     def onProgress(self, fraction: float, stage: str) -> None:
-        self.ui.finetuneProgressBar.setValue(int(round(100 * fraction)))
+        panel.show_fraction(self.ui.finetuneProgressBar, fraction)
         self.ui.finetuneStatusLabel.setText(progress_text(fraction, stage))
 
     def onFinished(self, outcome) -> None:
         """The new version is written and current (or nothing was written)."""
         ui = self.ui
         if outcome.cancelled:
-            ui.finetuneProgressBar.setValue(0)
+            panel.show_fraction(ui.finetuneProgressBar, 0.0)
             ui.finetuneStatusLabel.setText("Cancelled: no version was written.")
         elif outcome.error is not None:
-            ui.finetuneProgressBar.setValue(0)
+            panel.show_fraction(ui.finetuneProgressBar, 0.0)
             ui.finetuneStatusLabel.setText(f"Failed: {panel.one_line(outcome.error)}")
             panel.show_error(outcome.error, outcome.details, title="Fine-tuning failed")
         else:
             run = outcome.result
-            ui.finetuneProgressBar.setValue(100)
+            panel.show_fraction(ui.finetuneProgressBar, 1.0)
             ui.finetuneResultLabel.setText(result_text(run))
             ui.finetuneStatusLabel.setText(
                 f"Done in {outcome.seconds:.0f} s: {run.version.id} is the current version now (Segment uses it).")

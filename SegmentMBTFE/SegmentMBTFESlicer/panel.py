@@ -37,8 +37,17 @@ def parse_folds(text: str, available: Sequence[str]) -> Tuple[Optional[List[str]
 
 
 def progress_text(fraction: float, stage: str) -> str:
-    """'Segmenting: tile 3 of 27 (45%)'."""
+    """'Segmenting: tile 3 of 27 (45%)'; a stage without a fraction (a package install's) as it is."""
+    if fraction < 0:
+        return stage
     return f"Segmenting: {stage} ({int(round(100 * fraction))}%)" if stage else f"Segmenting ({int(100 * fraction)}%)"
+
+
+def show_fraction(bar, fraction: float) -> None:
+    """A progress bar at `fraction`, or busy (Qt's moving bar) when the fraction is unknown (below 0)."""
+    bar.setRange(0, 0 if fraction < 0 else 100)
+    if fraction >= 0:
+        bar.setValue(int(round(100 * fraction)))
 
 
 def guess_volume(channel: str, names: Sequence[str], index: int) -> Optional[int]:

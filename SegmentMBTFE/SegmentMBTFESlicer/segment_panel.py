@@ -259,8 +259,8 @@ class SegmentSection:
             panel.show_error(error, traceback.format_exc())
 
     def _begin(self, model, onProgress, onFinished):
-        """Under the busy flag: packages, the replace question, then the job (None when the user said No)."""
-        self.logic.ensureDependencies()
+        """Under the busy flag, the packages installed (job_controller): the replace question, then the job
+        (None when the user said No)."""
         output = self.ui.outputSegmentationSelector.currentNode()
         question = runner.replace_question(output, model.name) if output is not None else ""
         if question and not self.confirm(question):
@@ -270,7 +270,7 @@ class SegmentSection:
         options = runner.Options(self.device(), self.ui.ttaCheckBox.isChecked(),
                                  float(self.ui.stepSizeSpinBox.property("value")), folds,
                                  uncertainty=self.ui.uncertaintyCheckBox.isChecked())
-        self.ui.progressBar.setValue(0)
+        panel.show_fraction(self.ui.progressBar, 0.0)
         self.ui.statusLabel.setText(_("Starting..."))
         return logic.start_segmentation(self.inputVolumes(), model.path, options, output, onProgress, onFinished,
                                         claimed=True)
@@ -278,24 +278,25 @@ class SegmentSection:
     def onCancelButton(self) -> None:
         if self.jobs.kind == "segmentation":
             self.jobs.cancel()
-            self.ui.statusLabel.setText(_("Cancelling (stops after the current tile)..."))
+            self.ui.statusLabel.setText(_("Cancelling the package install...") if self.jobs.installing
+                                        else _("Cancelling (stops after the current tile)..."))
 
     def onProgress(self, fraction: float, stage: str) -> None:
-        self.ui.progressBar.setValue(int(round(100 * fraction)))
+        panel.show_fraction(self.ui.progressBar, fraction)
         self.ui.statusLabel.setText(panel.progress_text(fraction, stage))
 
     def onFinished(self, outcome) -> None:
         """The segments are in the scene (or nothing was written)."""
         if outcome.cancelled:
-            self.ui.progressBar.setValue(0)
+            panel.show_fraction(self.ui.progressBar, 0.0)
             self.ui.statusLabel.setText(_("Cancelled: nothing was changed."))
         elif outcome.error is not None:
-            self.ui.progressBar.setValue(0)
+            panel.show_fraction(self.ui.progressBar, 0.0)
             self.ui.statusLabel.setText(_("Failed: {reason}").format(reason=panel.one_line(outcome.error)))
             panel.show_error(outcome.error, outcome.details)
         else:
             node = outcome.result
-            self.ui.progressBar.setValue(100)
+            panel.show_fraction(self.ui.progressBar, 1.0)
             self._updatingGUI = True
             self.ui.outputSegmentationSelector.setCurrentNode(node)
             self._updatingGUI = False

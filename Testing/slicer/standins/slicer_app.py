@@ -14,7 +14,8 @@ small, honest versions of exactly those pieces to the real `slicer` namespace:
   panel's qSlicerScriptedLoadableModuleWidget (instantiates the Python widget, reload());
 - `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`, `slicer.i18n` (Slicer's pure-Python
   base classes, reduced to the behaviour the module uses);
-- `slicer.modules.<name>.path`, which `ScriptedLoadableModuleWidget.resourcePath` reads.
+- `slicer.modules.<name>.path`, which `ScriptedLoadableModuleWidget.resourcePath` reads;
+- `slicer.util.pip_install` / `pip_uninstall` as Slicer 5.6-5.10 have them (blocking, on the main thread).
 """
 import ctypes
 import logging
@@ -154,7 +155,19 @@ def install(settings_path: str, module_paths: dict = None):
     _register_submodule("parameterNodeWrapper", _parameter_node_wrapper())
     _register_submodule("i18n", _i18n())
     _register_converter_rules()
+    slicer.util.pip_install, slicer.util.pip_uninstall = _pip("install"), _pip("uninstall")
     return slicer.mrmlScene
+
+
+def _pip(command: str):
+    """slicer.util.pip_install / pip_uninstall as Slicer 5.6-5.10 have them (slicer-core's hand over to a
+    slicer.packaging it lacks): `PythonSlicer -m pip COMMAND ...`, its output read line by line on the main
+    thread until pip ends (slicer.util.logProcessOutput)."""
+    def run(requirements):
+        import shlex
+        args = shlex.split(requirements) if isinstance(requirements, str) else list(requirements)
+        slicer.util.executePythonModule("pip", [command, *args] + (["--yes"] if command == "uninstall" else []))
+    return run
 
 
 class _CoreModule:

@@ -1,6 +1,6 @@
 """Defects a real Slicer would hit, each found by reading Slicer's, CTK's and PythonQt's sources, each a test that
-fails without its fix: a widget made without a parent, a second package install started while the first pumps
-events, a self-test that would install packages, a loaded scene's panel settings, a segmentation deleted while
+fails without its fix: a widget made without a parent, a second package install started while the first runs,
+a self-test that would install packages, a loaded scene's panel settings, a segmentation deleted while
 the console's segment() waits, and Reload leaving the module's packages (and the worker) as they were."""
 import sys
 import unittest
@@ -13,16 +13,27 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
-def missing_package(monkeypatch):
-    """A requirement this environment lacks (the check stays the real one), and Slicer's installers recorded."""
+def missing_package(monkeypatch, tmp_path):
+    """A requirement this environment lacks (the check stays the real one), installed for real, by pip in its
+    own process, from a local wheel into a folder on sys.path (never into this environment); the install
+    plans the module made are recorded."""
     import slicer
+    import fake_packages
     from SegmentMBTFESlicer import dependencies
     absent = dependencies.Requirement("segmentmbtfe_absent_module", "segmentmbtfe-absent-package", "1.0")
     monkeypatch.setattr(dependencies, "REQUIREMENTS", dependencies.REQUIREMENTS + (absent,))
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True)
-    installs = []
-    monkeypatch.setattr(slicer.util, "pip_install", lambda arguments: installs.append(arguments))
-    return installs
+    package = fake_packages.wheel(tmp_path, "segmentmbtfe_absent_package", "1.0",
+                                  {"segmentmbtfe_absent_module.py": "\n"})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    plans = []
+
+    def install_steps(status, constraints, light_the_torch=None):
+        plans.append([r.distribution for r in status.missing])
+        return [("Installing segmentmbtfe-absent-package", "pip",
+                 ["install", "--no-index", "--target", str(tmp_path / "site"), str(package)])]
+    monkeypatch.setattr(dependencies, "install_steps", install_steps)
+    return plans
 
 
 def test_a_widget_made_without_a_parent_sets_itself_up(module, scene, tiny_model):
@@ -37,27 +48,23 @@ def test_a_widget_made_without_a_parent_sets_itself_up(module, scene, tiny_model
         widget.parent.deleteLater()
 
 
-def test_packages_are_installed_once_however_often_the_user_clicks(widget, scene, tiny_model, missing_package,
-                                                                   monkeypatch):
-    """pip_install (and PyTorchUtils) pump Qt events while they work: the user can click again meanwhile."""
-    import slicer
-    states = []
-
-    def pip_install_pumping_events(arguments):
-        missing_package.append(arguments)
-        states.append((widget.ui.segmentButton.isEnabled(), widget.ui.finetuneButton.isEnabled()))
-        slicer.app.processEvents()
-        if len(missing_package) == 1:  # (once: without the fix every click would install again, recursively)
-            widget.ui.segmentButton.click()  # the impatient second click
-            widget.segment.onSegmentButton()  # even one that reaches the handler
-            widget.finetune.onFinetuneButton()
-    monkeypatch.setattr(slicer.util, "pip_install", pip_install_pumping_events)
+def test_packages_are_installed_once_however_often_the_user_clicks(widget, scene, tiny_model, missing_package):
+    """The install runs in the background: the user can click again meanwhile, and the Segment goes on after it."""
+    import slicer_app
     volume = load_volume(scene, selftest_image(scene))
     widget.segment.addModelFolder(str(tiny_model))
     widget.segment.channelSelectors()[0].setCurrentNode(volume)
     widget.ui.segmentButton.click()
+    assert widget.jobs.job is not None and widget.jobs.job.kind == "install"
+    slicer_app.run_event_loop(lambda: "Installing" in widget.ui.statusLabel.text(), timeout=30)
+    states = [(widget.ui.segmentButton.isEnabled(), widget.ui.finetuneButton.isEnabled(),
+               widget.ui.cancelButton.isEnabled())]
+    widget.ui.segmentButton.click()  # the impatient second click
+    widget.segment.onSegmentButton()  # even one that reaches the handler
+    widget.finetune.onFinetuneButton()
+    wait_for_panel(widget, until=lambda: widget.jobs.job is not None and widget.jobs.job.kind != "install")
     wait_for_panel(widget)
-    assert len(missing_package) == 1 and states == [(False, False)]
+    assert missing_package == [["segmentmbtfe-absent-package"]] and states == [(False, False, True)]
     assert widget.ui.statusLabel.text().startswith("Done"), widget.ui.statusLabel.text()
 
 
