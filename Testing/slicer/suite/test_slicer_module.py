@@ -110,12 +110,16 @@ def test_a_segmentation_deleted_while_the_console_waits_gets_nothing(module, sce
     assert output.GetSegmentation().GetNumberOfSegments() == 0
 
 
-def test_segment_files_without_an_output_folder_says_so_and_leaves_nothing_busy(module, scene, tiny_model):
+def test_segment_files_without_an_output_folder_says_so_and_leaves_nothing_busy(module, scene, tiny_model, tmp_path):
     from SegmentMBTFELib.errors import InputError
     from SegmentMBTFESlicer import jobs
+    logic = module.SegmentMBTFELogic()
     with pytest.raises(InputError, match=r"folder to write the segmentations into \(outputDir\)"):
-        module.SegmentMBTFELogic().segmentFiles([selftest_image(scene)], str(tiny_model), None)
+        logic.segmentFiles([selftest_image(scene)], str(tiny_model), None)
     assert not jobs.is_running()  # every later Segment and console call would be refused as "already running"
+    with pytest.raises(TypeError):  # any request that cannot be made: the flag is taken only after it is made
+        logic.segmentFiles([None], str(tiny_model), tmp_path)
+    assert not jobs.is_running()
 
 
 def test_a_worker_that_cannot_be_started_fails_the_job_in_one_sentence(module, scene, tiny_model, monkeypatch):
