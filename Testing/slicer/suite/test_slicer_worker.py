@@ -146,6 +146,7 @@ def test_cleanup_mid_run_is_quick_and_ends_the_worker(widget, scene, hippo3d_mod
     wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
     before = scene_state(scene)
     pid = worker_pid()
+    os.kill(pid, signal.SIGSTOP)  # stuck (in a long C call, say): it cannot exit by itself
     started = time.perf_counter()
     slicer.app.moduleManager().unload("SegmentMBTFE")  # what Slicer does at exit: the widget's cleanup() runs
     assert time.perf_counter() - started < 3  # half a second for the worker to exit, then it is killed
