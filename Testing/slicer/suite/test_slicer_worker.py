@@ -171,6 +171,34 @@ def test_a_worker_stopped_mid_job_ends_it_as_cancelled_not_crashed(widget, scene
     assert scene_state(scene) == before and not process_running(pid)
 
 
+STARTS_A_CHILD = """
+import os, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from SegmentMBTFELib.worker import _lead_own_process_group
+_lead_own_process_group()  # as the worker does first
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(os.getpid(), child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_killing_the_worker_ends_what_it_started(slicer_app):
+    """Behind the launcher, as the worker runs: ending it by its pid ends the processes it started too."""
+    from SegmentMBTFESlicer import worker
+    launcher = subprocess.Popen([worker.worker_python(), "-c", STARTS_A_CHILD, str(worker.ENGINE_DIR)],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        real, child = map(int, launcher.stdout.readline().split())
+        assert real != launcher.pid and os.getpgid(child) == real  # the group the worker leads holds its child
+        worker.end_process_tree(real)
+        assert launcher.wait(timeout=10) == 1  # the launcher saw its child killed
+        wait_for(lambda: not process_running(child), timeout=5, what="the end of the worker's child")
+        assert not process_running(real)
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
 def test_the_workers_warnings_reach_slicers_log(module, scene, tiny_model, hippo_case, caplog):
     from SegmentMBTFESlicer import worker
     logic = module.SegmentMBTFELogic()
