@@ -191,6 +191,7 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
         """Start segmenting in the worker and return the job at once. Its progress and end arrive as Qt events:
         onProgress(fraction, text), then onFinished(outcome) with outcome.result the segmentation node (or
         outcome.error / outcome.cancelled set). job.cancel() stops it; job.wait() blocks until it ends."""
+        self.ensureDependencies()
         options = runner.Options(device, tta, stepSize, runner.fold_list(folds), checkpoint, show3D, uncertainty,
                                  backend)
         return logic.start_segmentation(volumeNodes, self._modelPath(model), options, outputSegmentation,
@@ -218,6 +219,7 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
                       minutes: float = None, learningRate: float = 1e-3, freezeEncoder: bool = False,
                       device: str = "auto", onProgress=None, onFinished=None):
         """finetune() as a background job, like startSegmentation; outcome.result is the run."""
+        self.ensureDependencies()
         plan = self._finetunePlan(segmentationNodes, volumeNodes, model)
         settings = runner.finetune_settings(iterations, minutes, learningRate, freezeEncoder, device)
         return logic.start_finetune(plan, settings, on_progress=onProgress, on_finished=onFinished)

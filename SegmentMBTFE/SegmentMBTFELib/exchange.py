@@ -7,14 +7,18 @@ travel as JSON. Messages are JSON objects, one per line. This module is the one 
 that format; it imports numpy only (never torch), because Slicer's process uses it too.
 """
 import json
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
 from .volume import Volume
 
 PROTOCOL = 1  # bumped when a message's meaning changes; the module refuses a worker speaking another one
+# The worker's log records on its stderr, one line each, so that the module can log them again at their level.
+LOG_FORMAT = "SegmentMBTFE worker %(levelname)s: %(message)s"
+_LOG_LINE = re.compile(r"SegmentMBTFE worker (DEBUG|INFO|WARNING|ERROR|CRITICAL): (.*)")
 
 
 def encode(message: dict) -> bytes:
@@ -29,6 +33,12 @@ def decode(line) -> Optional[dict]:
     except (UnicodeDecodeError, ValueError):
         return None
     return message if isinstance(message, dict) else None
+
+
+def log_record(line: str) -> Optional[Tuple[str, str]]:
+    """(level name, message) of a line the worker's logging wrote (LOG_FORMAT), None for any other line."""
+    match = _LOG_LINE.fullmatch(line.rstrip("\r\n"))
+    return (match.group(1), match.group(2)) if match else None
 
 
 def write_array(folder, name: str, array: np.ndarray) -> str:

@@ -19,6 +19,7 @@ Requests, one JSON object per line on stdin (arrays are files in the job's folde
   {"command": "cancel", "id": 3}     stop that job within one tile (or training iteration)
   {"command": "shutdown"}             cancel what runs, then exit
 Replies, one JSON object per line on stdout (nothing else is written there: prints go to stderr):
+  {"type": "started", "pid": ...}      at once, before torch is imported: the pid the module ends it by
   {"type": "ready", "protocol": 1, "pid": ..., "python": ..., "torch": ...}
   {"id": 3, "type": "progress", "fraction": 0.42, "stage": "tile 3 of 27", "tile": 3, "tiles": 27}
   {"id": 3, "type": "fallback", "message": "GPU memory ran out; retrying ..."}
@@ -26,7 +27,12 @@ Replies, one JSON object per line on stdout (nothing else is written there: prin
                                        lists the cases that failed, with their reasons, beside the files written)
   {"id": 3, "type": "error", "class": "ModelError", "message": "one sentence"[, "details": traceback]}
   {"id": 3, "type": "cancelled"}
-  {"type": "exit", "reason": "idle" | "shutdown" | "input closed"}
+  {"type": "exit", "reason": "idle" | "shutdown" | "input closed"}   before every exit of its own
+Log records of WARNING and above go to stderr as exchange.LOG_FORMAT lines, which the module logs again.
+
+The worker leads a process group (a session) of its own: between the module and the worker sits Slicer's
+launcher, which forwards no signal, so the module ends the worker, and whatever it started, by its group.
+A worker the module does not hear from any more ends itself: its input closes when Slicer exits or dies.
 """
 import logging
 import os
@@ -48,17 +54,46 @@ TILE = re.compile(r"tile (\d+) of (\d+)")
 DIGITS = re.compile(r"\d+")
 
 
-def main(idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> int:
+def main(idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+    """Serve until idle, asked to stop, or the input closes; then exit the process (never returns)."""
+    _lead_own_process_group()
     # The protocol owns the real stdout; anything else printed (by us, torch or a library) goes to stderr.
     output = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in Slicer's terminal is Slicer's, not ours
-    logging.basicConfig(level=logging.WARNING, format="SegmentMBTFE worker: %(message)s", stream=sys.stderr)
+    # force: the command line already configured logging for itself (errors only), which would hide warnings
+    logging.basicConfig(level=logging.WARNING, format=exchange.LOG_FORMAT, stream=sys.stderr, force=True)
     worker = Worker(output, idle_timeout)
+    worker.send({"type": "started", "pid": os.getpid()})
     threading.Thread(target=worker.read_requests, args=(sys.stdin.buffer,), name="requests", daemon=True).start()
     worker.serve()
-    return 0
+    _exit_at_once(0)
+
+
+def _lead_own_process_group() -> None:
+    """A session (and process group) of its own, whose id is the worker's pid: the module ends the worker and
+    everything it started with os.killpg. (On Windows the module ends the process tree with taskkill /T.)"""
+    if hasattr(os, "setsid"):
+        try:
+            os.setsid()
+        except OSError:  # already a group leader (a shell started it as a job of its own): that group is its own
+            pass
+
+
+def _exit_at_once(code: int) -> None:
+    """Exit without the interpreter's shutdown, once what was written is flushed. Shutdown would meet the request
+    reader, a daemon thread blocked reading stdin with the buffer's lock held, and abort ("Fatal Python error:
+    _enter_buffered_busy", exit -6) on Python 3.9 to 3.13 alike; no reader can be woken portably (closing or
+    interrupting a blocking read is not). Nothing here needs the shutdown: the last message is sent (unbuffered),
+    the job folders are the module's, and torch's threads and GPU memory go with the process."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 class Worker:

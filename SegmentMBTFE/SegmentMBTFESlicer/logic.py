@@ -16,7 +16,7 @@ import tempfile
 import slicer
 
 from SegmentMBTFELib import exchange
-from SegmentMBTFELib.errors import Cancelled, SomeCasesFailed
+from SegmentMBTFELib.errors import Cancelled, InputError, SomeCasesFailed
 
 from . import jobs, runner, uncertainty_display
 
@@ -71,10 +71,12 @@ def segment_files(paths, model_path: str, output_dir, options: runner.Options, p
     SomeCasesFailed is raised when any failed; its .written lists the files written, its .failed each
     failed case with its reason (each also logged), and its message is the reason itself for a single case."""
     from pathlib import Path
-    jobs.claim("segmentation")
+    if not output_dir:
+        raise InputError("Give the folder to write the segmentations into (outputDir).")
     cases = [[str(p)] if isinstance(p, (str, Path)) else [str(c) for c in p] for p in paths]
     request = {"command": "segment_files", "model": model_path, "cases": cases, "format": file_format,
                "output_dir": str(Path(output_dir).expanduser().resolve()), "options": options.request()}
+    jobs.claim("segmentation")  # only now: a request that could not be made must not leave the flag taken
     job = jobs.Job("segmentation", request, None, _written_files, progress)
     return result_of(job.start().wait(cancel))
 

@@ -76,7 +76,10 @@ def _color_node(scene):
     for i in range(256):
         t = i / 255.0
         node.SetColor(i, 1.0, max(0.0, 1.0 - max(0.0, t - 0.5) * 2), 0.0, min(1.0, 2 * t))  # opacity rises to 1
-    node.SetNamesInitialised(True)
+    if not hasattr(node, "SetColorDefined"):
+        # Slicer before 5.10 would otherwise replace the colours' names with generated ones when first asked
+        # for one; 5.10 marks each colour set as defined, keeps names as they are, and logs an error for this.
+        node.SetNamesInitialised(True)
     return node
 
 

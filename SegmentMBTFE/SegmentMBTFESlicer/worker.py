@@ -9,19 +9,29 @@ or when Slicer exits (its input closes), and its GPU memory goes with it.
 A QProcess, not `subprocess` plus a reader thread: its output arrives as Qt events on the main thread,
 where the panel and the scene live, and a Python thread would only run while the main thread runs Python.
 Messages are JSON lines (exchange.py); one the module does not understand is logged, never executed.
+
+The QProcess runs Slicer's launcher, not the worker: PythonSlicer (a CTKAppLauncher) starts `python-real` as
+its own child, forwards no signal, and turns a crashing child into exit code 1 after its line "exit abnormally
+- Report the problem". So the worker is ended by its own pid (it says it at once), with what it started, and
+a crash is recognised by that line as well as by Qt's CrashExit.
 """
 import collections
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import qt
 
 from SegmentMBTFELib import exchange
+from SegmentMBTFELib.errors import SegmentError
 
 log = logging.getLogger(__name__)
+LAUNCHER_CRASH = "exit abnormally - Report the problem"  # ctkAppLauncher.cpp, when its child crashed
+END_WAIT_MS = 2000  # for the launcher to see its killed child and exit by itself (it reaps the child)
 SETTINGS_IDLE = "SegmentMBTFE/WorkerIdleMinutes"
 DEFAULT_IDLE_MINUTES = 10.0
 ENGINE_DIR = Path(__file__).resolve().parents[1]  # the folder holding SegmentMBTFELib
@@ -36,6 +46,27 @@ def worker_python() -> str:
         if (here / name).is_file():
             return str(here / name)
     return shutil.which("PythonSlicer") or sys.executable
+
+
+class WorkerUnavailable(SegmentError):
+    """The worker process could not be started at all."""
+
+
+def end_process_tree(pid: int) -> None:
+    """Kill the worker `pid` and every process it started, at once (it may be frozen)."""
+    if os.name == "nt":
+        # Windows has no process groups to signal and keeps no parent links to re-parent: taskkill /T ends the
+        # process with this pid and the tree of processes it started, /F without asking them to close first.
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, timeout=30,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the worker leads its own process group (SegmentMBTFELib/worker.py)
+    except ProcessLookupError:  # no such group (a worker that did not make one): the worker alone
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def idle_seconds() -> float:
@@ -54,10 +85,13 @@ class WorkerProcess:
         self.python = python or worker_python()
         self.process = None
         self.ready = None           # the worker's "ready" message (pid, python, torch version)
+        self.pid = None             # the real worker's pid (behind the launcher), from its first message
         self.exit_reason = ""       # what the worker said when it exited on its own
+        self._kill_reason = ""      # why the module killed it, for its jobs
         self._jobs = {}             # id -> job, waiting for their result
         self._next_id = 1
         self._buffer = b""
+        self._error_buffer = b""
         self._stderr = collections.deque(maxlen=40)  # the last lines, for the message when it dies
         self.started = 0            # processes started, for tests and the log
 
@@ -75,9 +109,12 @@ class WorkerProcess:
         process.readyReadStandardError.connect(self._readErrors)
         process.finished.connect(lambda *args: self._finished(process))
         process.errorOccurred.connect(lambda error: self._failedToStart(process, error))
-        self.process, self.ready, self.exit_reason, self._buffer = process, None, "", b""
+        self.process, self.ready, self.pid, self.exit_reason, self._kill_reason = process, None, None, "", ""
+        self._buffer, self._error_buffer = b"", b""
         self._stderr.clear()
         process.start()
+        if self.process is not process:  # it failed at once (no program, CreateProcess refused): nothing runs
+            raise WorkerUnavailable(self._start_failure(process))
         self.started += 1
         log.info("SegmentMBTFE: started the worker (%s)", self.python)
 
@@ -93,17 +130,29 @@ class WorkerProcess:
             process.write(qt.QByteArray(exchange.encode({"command": "shutdown"})))
             process.closeWriteChannel()
             if not process.waitForFinished(wait_ms):
-                process.kill()
-                process.waitForFinished(1000)
+                self._end(process)
         self._finished(process)
 
-    def kill(self) -> None:
-        """End the worker now (a cancel it did not answer); its jobs end through workerDied."""
+    def kill(self, reason: str = "") -> None:
+        """End the worker now (a cancel it did not answer, a worker refused); its jobs end through
+        workerDied(reason, or how it ended)."""
+        self._kill_reason = reason  # _finished may run inside _end, when Qt reports the end while waiting for it
         if self.running:
-            self.process.kill()
-            self.process.waitForFinished(2000)
+            self._end(self.process)
         if self.process is not None:
             self._finished(self.process)
+
+    def _end(self, process) -> None:
+        """Kill the real worker and what it started, then the launcher in between (killing only the launcher
+        would leave the worker running). The pid is used only while the launcher still runs: until then it is
+        its child's, alive or not yet reaped, and cannot belong to another process."""
+        if self.pid and process.state() != qt.QProcess.NotRunning:
+            end_process_tree(self.pid)
+            if process.waitForFinished(END_WAIT_MS):  # the launcher reaped the worker and exited (code 1)
+                return
+        process.closeWriteChannel()  # a worker not yet heard of exits by itself once it reads the end of its input
+        process.kill()
+        process.waitForFinished(END_WAIT_MS)
 
     # -- jobs ----------------------------------------------------------------------------------------------------
     def submit(self, job, request: dict) -> int:
@@ -135,11 +184,14 @@ class WorkerProcess:
 
     # -- what the worker says --------------------------------------------------------------------------
     def _readOutput(self) -> None:
-        if self.process is None:
+        process = self.process
+        if process is None:
             return
-        self._buffer += bytes(self.process.readAllStandardOutput().data())
+        self._buffer += bytes(process.readAllStandardOutput().data())
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
+            if self.process is not process:  # refused and ended meanwhile: the rest is not for anyone
+                return
             if line.strip():
                 self._handle(line)
 
@@ -149,11 +201,8 @@ class WorkerProcess:
             log.warning("SegmentMBTFE worker: ignored output that is not a message: %r", line[:200])
             return
         kind = message.get("type")
-        if kind == "ready":
-            self.ready = message
-            if message.get("protocol") != exchange.PROTOCOL:
-                log.warning("SegmentMBTFE worker speaks protocol %s, expected %s", message.get("protocol"),
-                            exchange.PROTOCOL)
+        if kind in ("started", "ready"):
+            self._greeted(message)
         elif kind == "exit":
             self.exit_reason = str(message.get("reason", ""))
         elif message.get("id") in self._jobs:
@@ -164,19 +213,44 @@ class WorkerProcess:
         else:
             log.warning("SegmentMBTFE worker: ignored a message the module does not understand: %r", line[:200])
 
+    def _greeted(self, message: dict) -> None:
+        """The first messages, "started" (at once) and "ready" (torch imported), name the real worker's pid;
+        "ready" its protocol, and a worker speaking another one is refused: its messages could mean another thing."""
+        if isinstance(message.get("pid"), int):
+            self.pid = message["pid"]
+        if message["type"] != "ready":
+            return
+        self.ready = message
+        if message.get("protocol") != exchange.PROTOCOL:
+            self.kill(f"The segmentation worker speaks protocol {message.get('protocol')} and this module "
+                      f"{exchange.PROTOCOL}, so it was refused: they come from different versions of SegmentMBTFE; "
+                      f"restart Slicer, or reinstall the extension if this persists.")
+
     def _readErrors(self) -> None:
+        """The worker's stderr: its log records of WARNING and above are logged again at their level, the rest
+        (library noise, tracebacks) at debug level; the last lines are kept for the message when it dies."""
         if self.process is None:
             return
-        text = bytes(self.process.readAllStandardError().data()).decode("utf-8", "replace")
-        for line in text.splitlines():
-            if line.strip():
-                self._stderr.append(line)
-                log.debug("SegmentMBTFE worker: %s", line)
+        self._error_buffer += bytes(self.process.readAllStandardError().data())
+        *lines, self._error_buffer = self._error_buffer.split(b"\n")
+        self._logErrors(lines)
+
+    def _logErrors(self, lines) -> None:
+        for line in (raw.decode("utf-8", "replace").rstrip() for raw in lines):
+            if not line.strip():
+                continue
+            level, text = exchange.log_record(line) or ("DEBUG", line)
+            self._stderr.append(text)
+            level = logging.getLevelName(level)
+            log.log(level if level >= logging.WARNING else logging.DEBUG, "SegmentMBTFE worker: %s", text)
 
     def _failedToStart(self, process, error) -> None:
         if error == qt.QProcess.FailedToStart:
-            self._finished(process, f"The segmentation worker could not be started with {self.python} "
-                                    f"({process.errorString()}).")
+            self._finished(process, self._start_failure(process))
+
+    def _start_failure(self, process) -> str:
+        return f"The segmentation worker could not be started with {self.python or '(no program)'} " \
+               f"({process.errorString()})."
 
     def _finished(self, process, reason: str = "") -> None:
         """The process ended: pending jobs are resent to a new worker when it only went idle, else they fail."""
@@ -184,8 +258,11 @@ class WorkerProcess:
             return
         self._readOutput()
         self._readErrors()
+        self._logErrors([self._error_buffer])  # a last line without its line break
+        self._error_buffer = b""
         self.process = None
         pending, self._jobs = list(self._jobs.values()), {}
+        reason = reason or self._kill_reason
         if not pending:
             return
         if self.exit_reason == "idle" and not reason:  # a request crossed its idle exit: start a new one
@@ -198,14 +275,21 @@ class WorkerProcess:
 
     def _death_text(self, process) -> str:
         """One sentence on how the worker ended, and its last error line when it said something."""
-        code = process.exitCode()
-        if process.exitStatus() == qt.QProcess.CrashExit:
-            how = "crashed or was killed (for example by the system for lack of memory)"
+        last = next((line.strip() for line in reversed(self._stderr)
+                     if line.strip() and LAUNCHER_CRASH not in line), "")
+        if self._crashed(process):
+            text = ("The segmentation worker process crashed or was killed (for example by the system for lack of "
+                    "memory); nothing was written. Try again, or with fewer folds or TTA off if memory is short.")
         else:
-            how = f"exited with code {code}"
-        last = next((line.strip() for line in reversed(self._stderr) if line.strip()), "")
-        return (f"The segmentation worker process {how}; nothing was written. Try again, or with fewer folds "
-                f"or TTA off if memory is short." + (f" Its last message: {last[:300]}" if last else ""))
+            text = f"The segmentation worker process exited with code {process.exitCode()}; nothing was written."
+        return text + (f" Its last message: {last[:300]}" if last else "")
+
+    def _crashed(self, process) -> bool:
+        """Killed by a signal: Qt says so when it started the worker itself; behind Slicer's launcher, the exit
+        is a normal one with code 1, after the launcher's own "exit abnormally" line."""
+        if process.exitStatus() == qt.QProcess.CrashExit:
+            return True
+        return process.exitCode() == 1 and any(LAUNCHER_CRASH in line for line in self._stderr)
 
 
 _shared = None

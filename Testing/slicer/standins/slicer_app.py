@@ -15,7 +15,8 @@ small, honest versions of exactly those pieces to the real `slicer` namespace:
 - `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`, `slicer.i18n` (Slicer's pure-Python
   base classes, reduced to the behaviour the module uses);
 - `slicer.modules.<name>.path`, which `ScriptedLoadableModuleWidget.resourcePath` reads;
-- `slicer.util.pip_install` / `pip_uninstall` as Slicer 5.6-5.10 have them (blocking, on the main thread).
+- `slicer.util.pip_install` / `pip_uninstall` as Slicer 5.6-5.10 have them (blocking, on the main thread);
+- `PythonSlicer`, the launcher the module starts its worker with (python_slicer.py), found on PATH.
 """
 import ctypes
 import logging
@@ -156,6 +157,7 @@ def install(settings_path: str, module_paths: dict = None):
     _register_submodule("i18n", _i18n())
     _register_converter_rules()
     slicer.util.pip_install, slicer.util.pip_uninstall = _pip("install"), _pip("uninstall")
+    install_launcher(os.path.join(os.path.dirname(os.path.abspath(settings_path)), "bin"))
     return slicer.mrmlScene
 
 
@@ -168,6 +170,21 @@ def _pip(command: str):
         args = shlex.split(requirements) if isinstance(requirements, str) else list(requirements)
         slicer.util.executePythonModule("pip", [command, *args] + (["--yes"] if command == "uninstall" else []))
     return run
+
+
+def install_launcher(folder: str) -> str:
+    """A `PythonSlicer` in `folder`, put first on PATH, where the module's worker_python() finds it (inside
+    Slicer it is found next to sys.executable): every worker the tests start runs behind it, as in Slicer.
+    A shell script that execs python_slicer.py: the launcher keeps the pid the module's QProcess knows."""
+    import shlex
+    os.makedirs(folder, exist_ok=True)
+    launcher = os.path.join(folder, "PythonSlicer")
+    with open(launcher, "w") as f:
+        f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} "
+                f"{shlex.quote(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'python_slicer.py'))} \"$@\"\n")
+    os.chmod(launcher, 0o755)
+    os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+    return launcher
 
 
 class _CoreModule:

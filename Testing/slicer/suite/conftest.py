@@ -32,6 +32,10 @@ def slicer_app(tmp_path_factory):
             sys.path.insert(0, path)
     import ctk  # noqa: F401 - registers ctkCollapsibleButton with the .ui loader
     import slicer_app
+    import tempfile
+    # The module's job folders in a folder of this session's own: tests compare the SegmentMBTFE-* folders before
+    # and after, which other test sessions on the same machine create and remove in the shared temporary folder.
+    tempfile.tempdir = str(tmp_path_factory.mktemp("temporary"))
     settings = tmp_path_factory.mktemp("settings") / "Slicer.ini"
     slicer_app.install(str(settings), {"SegmentMBTFE": str(MODULE_DIR / "SegmentMBTFE.py")})
     yield slicer_app

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import http.server
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,10 +25,9 @@ from pathlib import Path
 
 HIDDEN = ("torch", "torchvision", "torchaudio", "functorch", "torchgen", "nvidia", "triton", "light_the_torch")
 COPIED = ("numpy",)   # hard-linked, not symlinked: pip may remove these (only when a test's feature is broken)
-# As Slicer's PythonSlicer (a CTKAppLauncher): the real Python runs as its child, with its stdio, and a
-# signal to the launcher does not reach it.
+# Slicer's PythonSlicer: the launcher stand-in (standins/python_slicer.py) with this venv's python as the real one
 LAUNCHER = """#!/bin/sh
-"$(dirname "$0")/python" "$@"
+SEGMENTMBTFE_TEST_PYTHON_REAL="$(dirname "$0")/python" exec {python} {launcher} "$@"
 """
 TORCH_INIT = """import os
 __version__ = {version!r}
@@ -61,7 +61,8 @@ def fake_slicer_python(folder: Path) -> Path:
             (site / entry).symlink_to(here / entry)
     python = folder / "bin" / "python"
     launcher = folder / "bin" / "PythonSlicer"
-    launcher.write_text(LAUNCHER)
+    stand_in = Path(__file__).resolve().parents[1] / "standins" / "python_slicer.py"
+    launcher.write_text(LAUNCHER.format(python=shlex.quote(sys.executable), launcher=shlex.quote(str(stand_in))))
     launcher.chmod(0o755)
     return python
 

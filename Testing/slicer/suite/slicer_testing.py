@@ -30,6 +30,19 @@ def process_events(seconds=0.0):
         slicer.app.processEvents()
 
 
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, dead but not yet reaped, is not)."""
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # Linux: the state letter follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def wait_for(until, timeout=120.0, what="the job"):
     """Run Slicer's event loop until `until()` is true; fail after `timeout` seconds."""
     import slicer_app

@@ -1,7 +1,9 @@
 """Defects a real Slicer would hit, each found by reading Slicer's, CTK's and PythonQt's sources, each a test that
 fails without its fix: a widget made without a parent, a second package install started while the first runs,
 a self-test that would install packages, a loaded scene's panel settings, a segmentation deleted while
-the console's segment() waits, and Reload leaving the module's packages (and the worker) as they were."""
+the console's segment() waits, Reload leaving the module's packages (and the worker) as they were, a console
+call given no output folder, a worker that cannot be started at all, and background calls that skipped the
+package check."""
 import sys
 import unittest
 
@@ -113,6 +115,49 @@ def test_a_segmentation_deleted_while_the_console_waits_gets_nothing(module, sce
                                            progress=delete_at_first_tile)
     assert state and scene_state(scene) == state[0]
     assert output.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_segment_files_without_an_output_folder_says_so_and_leaves_nothing_busy(module, scene, tiny_model, tmp_path):
+    from SegmentMBTFELib.errors import InputError
+    from SegmentMBTFESlicer import jobs
+    logic = module.SegmentMBTFELogic()
+    with pytest.raises(InputError, match=r"folder to write the segmentations into \(outputDir\)"):
+        logic.segmentFiles([selftest_image(scene)], str(tiny_model), None)
+    assert not jobs.is_running()  # every later Segment and console call would be refused as "already running"
+    with pytest.raises(TypeError):  # any request that cannot be made: the flag is taken only after it is made
+        logic.segmentFiles([None], str(tiny_model), tmp_path)
+    assert not jobs.is_running()
+
+
+def test_a_worker_that_cannot_be_started_fails_the_job_in_one_sentence(module, scene, tiny_model, monkeypatch):
+    """QProcess reports some start failures at once, inside start() (no program; on Windows, CreateProcess)."""
+    from SegmentMBTFESlicer import jobs, worker
+    worker.stop_shared()
+    monkeypatch.setattr(worker.shared(), "python", "")
+    volume = load_volume(scene, selftest_image(scene))
+    with pytest.raises(worker.WorkerUnavailable, match=r"^The segmentation worker could not be started with "
+                                                       r"\(no program\) \(.+\)\.$"):
+        module.SegmentMBTFELogic().startSegmentation(volume, str(tiny_model), tta=False)
+    assert not jobs.is_running() and worker.shared()._jobs == {} and worker.shared().process is None
+
+
+def test_background_calls_check_the_packages_first(module, scene, tiny_model, missing_package, monkeypatch, tmp_path):
+    """As segment() does: without it a missing torch ended in the worker dying at import, and the advice to
+    use fewer folds or TTA off."""
+    from SegmentMBTFESlicer import dependencies, jobs, worker
+
+    def failing_install(status, constraints, light_the_torch=None):  # pip really runs, and fails
+        missing_package.append([r.distribution for r in status.missing])
+        return [("Installing", "pip", ["install", "--no-index", str(tmp_path / "no-such-package-1.0-py3-none-any.whl")])]
+    monkeypatch.setattr(dependencies, "install_steps", failing_install)
+    started = worker.shared().started
+    logic = module.SegmentMBTFELogic()
+    volume = load_volume(scene, selftest_image(scene))
+    with pytest.raises(dependencies.DependencyError):
+        logic.startSegmentation(volume, str(tiny_model), tta=False)
+    with pytest.raises(dependencies.DependencyError):
+        logic.startFinetune(None, model=str(tiny_model))
+    assert len(missing_package) == 2 and worker.shared().started == started and not jobs.is_running()
 
 
 @pytest.fixture

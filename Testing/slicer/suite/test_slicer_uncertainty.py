@@ -56,3 +56,20 @@ def test_segment_with_uncertainty_shows_the_maps_and_the_table(widget, scene, sh
         assert float(row["Volume (mL)"]) == pytest.approx(voxels * spacing / 1000)
         assert 0.5 < float(row["Mean probability"]) <= 1 and 0 <= float(row["Mean uncertainty"]) < 0.5
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+
+
+def test_the_colour_table_is_made_without_deprecated_calls(slicer_app, scene):
+    """Slicer 5.10 logs an error for SetNamesInitialised (vtkMRMLColorNode.h: deprecated, no effect); before 5.10
+    it is what keeps the colours from being renamed. slicer-core here is 5.10's kind."""
+    import vtk
+    from SegmentMBTFESlicer import uncertainty_display
+    messages = vtk.vtkStringOutputWindow()
+    previous = vtk.vtkOutputWindow.GetInstance()
+    vtk.vtkOutputWindow.SetInstance(messages)
+    try:
+        node = uncertainty_display._color_node(scene)
+    finally:
+        vtk.vtkOutputWindow.SetInstance(previous)
+    assert messages.GetOutput() == ""
+    assert node.GetNumberOfColors() == 256 and all(node.GetColorDefined(i) for i in range(256))
+
