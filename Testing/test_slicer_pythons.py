@@ -134,3 +134,20 @@ def test_module_and_engine_need_nothing_newer_than_python_39():
                              "--no-tips", "--eval-annotations", str(REPO / "SegmentMBTFE")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+WORKER_SUITES = ("test_slicer_worker.py", "test_slicer_segment_files.py", "test_finetune_panel.py")
+
+
+def test_the_slicer_suites_pass_with_the_worker_here(slicer_python, shared_data):
+    """Segment, Cancel, a killed and an idle worker, segmentFiles and Fine-tune through the module, with Slicer's
+    side in the main environment and the worker, behind the PythonSlicer launcher, in this one (as in Slicer,
+    where the launcher starts python-real with Slicer's torch and numpy)."""
+    _, python = slicer_python
+    suite = REPO / "Testing" / "slicer" / "suite"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(suite / s) for s in WORKER_SUITES]],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+        env={**os.environ, "SEGMENTMBTFE_TEST_PYTHON_REAL": python})
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0 and " passed" in summary and "skipped" not in summary, result.stdout[-3000:]
