@@ -1,4 +1,4 @@
-"""GPU out-of-memory fallbacks, and an install that leaves the user's torch alone.
+"""GPU out-of-memory fallbacks, the GPU given back after a run, and an install that leaves the user's torch alone.
 
 No GPU exists on the machines these tests run on, so the out-of-memory tests use the one stand-in that
 cannot be avoided: a network that raises torch's own CUDA out-of-memory error on its first calls, under
@@ -24,13 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class RunsOutOfMemory(torch.nn.Module):
-    """Wraps a network; its first `failures` calls raise CUDA's out-of-memory error, as a full GPU does."""
+    """Wraps a network; its first `failures` calls raise CUDA's out-of-memory error, as a full GPU does.
+    `events` records, in order, its calls ("call") and the devices it is moved to ("to cpu", ...)."""
 
     def __init__(self, network, failures):
         super().__init__()
-        self.network, self.failures = network, failures
+        self.network, self.failures, self.events = network, failures, []
+
+    def to(self, *args, **kwargs):
+        device = kwargs.get("device", args[0] if args else None)
+        if device is not None:
+            self.events.append(f"to {torch.device(device).type}")
+        return super().to(*args, **kwargs)
 
     def forward(self, x):
+        self.events.append("call")
         if self.failures > 0:
             self.failures -= 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -83,10 +91,22 @@ def test_other_runtime_errors_are_not_mistaken_for_memory(model_and_case, monkey
         model.predict([case], device="cpu", tta=False)
 
 
-def test_network_goes_back_to_the_cpu_after_a_run(model_and_case):
+@pytest.mark.parametrize("failures", [0, 100], ids=["run", "failed_run"])
+def test_network_is_moved_to_the_cpu_after_a_run(model_and_case, monkeypatch, failures):
+    """After a run, one that failed too, the network is moved to the CPU: its GPU memory goes back to Slicer and
+    other programs. With no GPU here its parameters never leave the CPU, so that cannot tell; the network records
+    what is done to it instead, and after its last call must come a move to the CPU."""
     model, case = model_and_case
-    model.predict([case], device="cpu", tta=False)
-    assert all(p.device.type == "cpu" for p in model.network.parameters())
+    monkeypatch.setattr(model_module, "device_plans", three_plans)
+    model.network = RunsOutOfMemory(model.network, failures)
+    if failures:
+        with pytest.raises(OutOfMemory):
+            model.predict([case], device="cpu", tta=False)
+    else:
+        model.predict([case], device="cpu", tta=False)
+    events = model.network.events
+    last_call = len(events) - 1 - events[::-1].index("call")
+    assert "to cpu" in events[last_call + 1:], events
 
 
 def test_torch_is_a_plain_requirement():
