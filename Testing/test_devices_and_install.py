@@ -1,4 +1,5 @@
-"""GPU out-of-memory fallbacks, the GPU given back after a run, and an install that leaves the user's torch alone.
+"""GPU out-of-memory fallbacks, the GPU given back after a run, an install that leaves the user's torch alone, and
+the installed wheel's shipped models.
 
 No GPU exists on the machines these tests run on, so the out-of-memory tests use the one stand-in that
 cannot be avoided: a network that raises torch's own CUDA out-of-memory error on its first calls, under
@@ -6,8 +7,11 @@ device plans that keep everything on the CPU. Everything else (the model folder,
 window, export) is the real engine.
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ import model_factory
 from SegmentMBTFELib import OutOfMemory, load_model
 from SegmentMBTFELib.inference import model as model_module
 from SegmentMBTFELib.inference.devices import DevicePlan
+from SegmentMBTFELib.models.shipped import DEFAULT_MODEL
 from SegmentMBTFELib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +132,40 @@ def test_installing_keeps_the_installed_torch(tmp_path):
     installs = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert "segmentmbtfe" in installs
     assert not installs & {"torch", "nvidia-cudnn-cu12", "nvidia-cublas-cu12"}, installs
+
+
+def test_the_installed_wheel_predicts_with_its_shipped_default_model(tmp_path, hippo_test_cases, agreement):
+    """`pip install` of the built wheel (not editable) into a fresh venv, then `segment-mbtfe predict` without -m
+    from a folder outside the repository: the default model comes from inside the installed package. The venv sees
+    this environment's torch, numpy, scipy and SimpleITK through a .pth line (nothing downloaded); the engine
+    only from the wheel (PYTHONPATH, which points the tests at the checkout, is dropped)."""
+    source = tmp_path / "source"  # a copy: setuptools builds in the tree it is given, and an old build/ could leak in
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                "Testing", "benchmarks", "demo"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, timeout=600)
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    scripts = venv / ("Scripts" if sys.platform == "win32" else "bin")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["SEGMENTMBTFE_HOME"] = str(tmp_path / "home")
+    site = subprocess.run([str(scripts / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(pip + ["--python", str(scripts / "python"), "install", "--no-index", str(wheel)], env=env,
+                   check=True, timeout=300)
+    image = hippo_test_cases[0][0]
+    done = subprocess.run([str(scripts / "segment-mbtfe"), "predict", "-i", str(image), "-o", "out.nii.gz", "--no-tta"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    installed = Path(site) / "SegmentMBTFELib" / "shipped_models" / DEFAULT_MODEL
+    assert f"Using default model {installed}, version original" in done.stderr, done.stderr
+    from SegmentMBTFELib.io.images import read_channels
+    expected = load_model(REPO / "models" / DEFAULT_MODEL).predict(read_channels([image]), tta=False)
+    assert len(np.unique(expected.labels.array)) == 3
+    assert agreement(tmp_path / "out.nii.gz", expected.labels.array) >= 0.9999  # the parity floor: threads may differ
 
 
 def test_unknown_trainer_builds_the_plans_network(tmp_path):
