@@ -354,6 +354,7 @@ def _worker_segment(model_dir: Path, image: Path, output_dir: Path, suffix: str 
                           stdout=subprocess.PIPE, text=True) as worker:
         worker.stdin.write(json.dumps(request) + "\n")
         worker.stdin.flush()
+        reply = {"type": "no reply: the worker exited"}
         for line in worker.stdout:  # progress until the job's result (or error); closing stdin first would cancel it
             reply = json.loads(line)
             if reply.get("id") == 1 and reply["type"] not in ("progress", "fallback"):
