@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import known_skips
 import nnunet_reference as ref
 
 NNUNET_MISSING = "nnunetv2 is not installed"
@@ -22,6 +23,24 @@ HIPPO_TEST_COUNT = 2
 # CT test inputs, small enough that nnU-Net predicts each in seconds (ITK x, y, z voxel index and size).
 CT_DICOM_CROP = ((200, 220, 0), (128, 128, 20))  # 0.977 x 0.977 x 2 mm: separate-z from the target spacing
 CT_SM_CROP = ((30, 20, 5), (32, 32, 16))  # 3 mm isotropic: separate-z from the target spacing as well
+
+
+# Every skip is checked against known_skips.py by test_known_skips.py, which runs last.
+SKIP_CHECK = "test_known_skips.py::test_only_the_known_tests_skip"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k and -m deselect: every test of the files collected is named
+def pytest_collection_modifyitems(items):
+    known_skips.NAMED.update(item.nodeid for item in items)
+    items.sort(key=lambda item: item.nodeid.endswith(SKIP_CHECK))  # stable: the rest keep their order
+
+
+def pytest_collection_finish(session):
+    known_skips.COLLECTED.update(item.nodeid for item in session.items)
+
+
+def pytest_runtest_logreport(report):
+    known_skips.record(report)
 
 
 def agreement(a, b) -> float:

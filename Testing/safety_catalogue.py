@@ -680,6 +680,16 @@ _weights_case("_weights_wrong_shape", "a weight of the wrong shape",
               lambda w: w.__setitem__("decoder.seg_layers.1.bias", torch.zeros(5)),
               "error: The weights in …checkpoint_final.pth do not fit the network its plans describe: "
               "decoder.seg_layers.1.bias has shape (5,), expected (3,) (trainer nnUNetTrainer).")
+_weights_case("_weights_nan", "weights that are NaN (a training that diverged)",
+              lambda w: w["decoder.seg_layers.1.weight"].fill_(float("nan")),
+              "error: Refusing the weights in …checkpoint_final.pth: they hold NaN or infinite values "
+              "(decoder.seg_layers.1.weight), the sign of a training that diverged or of a damaged file "
+              "(trainer nnUNetTrainer).")
+_weights_case("_weights_infinite", "weights with an infinite value",
+              lambda w: w["encoder.stages.0.0.convs.0.conv.weight"].view(-1)[0].fill_(float("inf")),
+              "error: Refusing the weights in …checkpoint_final.pth: they hold NaN or infinite values "
+              "(encoder.stages.0.0.convs.0.conv.weight and … more), the sign of a training that diverged or of a "
+              "damaged file (trainer nnUNetTrainer).")
 
 
 def plans_case(name, given, edit, outcome):

@@ -1,4 +1,5 @@
-"""GPU out-of-memory fallbacks, and an install that leaves the user's torch alone.
+"""GPU out-of-memory fallbacks, the GPU given back after a run, an install that leaves the user's torch alone, and
+the installed wheel's shipped models.
 
 No GPU exists on the machines these tests run on, so the out-of-memory tests use the one stand-in that
 cannot be avoided: a network that raises torch's own CUDA out-of-memory error on its first calls, under
@@ -6,8 +7,11 @@ device plans that keep everything on the CPU. Everything else (the model folder,
 window, export) is the real engine.
 """
 import json
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +22,28 @@ import model_factory
 from SegmentMBTFELib import OutOfMemory, load_model
 from SegmentMBTFELib.inference import model as model_module
 from SegmentMBTFELib.inference.devices import DevicePlan
+from SegmentMBTFELib.models.shipped import DEFAULT_MODEL
 from SegmentMBTFELib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class RunsOutOfMemory(torch.nn.Module):
-    """Wraps a network; its first `failures` calls raise CUDA's out-of-memory error, as a full GPU does."""
+    """Wraps a network; its first `failures` calls raise CUDA's out-of-memory error, as a full GPU does.
+    `events` records, in order, its calls ("call") and the devices it is moved to ("to cpu", ...)."""
 
     def __init__(self, network, failures):
         super().__init__()
-        self.network, self.failures = network, failures
+        self.network, self.failures, self.events = network, failures, []
+
+    def to(self, *args, **kwargs):
+        device = kwargs.get("device", args[0] if args else None)
+        if device is not None:
+            self.events.append(f"to {torch.device(device).type}")
+        return super().to(*args, **kwargs)
 
     def forward(self, x):
+        self.events.append("call")
         if self.failures > 0:
             self.failures -= 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -83,10 +96,22 @@ def test_other_runtime_errors_are_not_mistaken_for_memory(model_and_case, monkey
         model.predict([case], device="cpu", tta=False)
 
 
-def test_network_goes_back_to_the_cpu_after_a_run(model_and_case):
+@pytest.mark.parametrize("failures", [0, 100], ids=["run", "failed_run"])
+def test_network_is_moved_to_the_cpu_after_a_run(model_and_case, monkeypatch, failures):
+    """After a run, one that failed too, the network is moved to the CPU: its GPU memory goes back to Slicer and
+    other programs. With no GPU here its parameters never leave the CPU, so that cannot tell; the network records
+    what is done to it instead, and after its last call must come a move to the CPU."""
     model, case = model_and_case
-    model.predict([case], device="cpu", tta=False)
-    assert all(p.device.type == "cpu" for p in model.network.parameters())
+    monkeypatch.setattr(model_module, "device_plans", three_plans)
+    model.network = RunsOutOfMemory(model.network, failures)
+    if failures:
+        with pytest.raises(OutOfMemory):
+            model.predict([case], device="cpu", tta=False)
+    else:
+        model.predict([case], device="cpu", tta=False)
+    events = model.network.events
+    last_call = len(events) - 1 - events[::-1].index("call")
+    assert "to cpu" in events[last_call + 1:], events
 
 
 def test_torch_is_a_plain_requirement():
@@ -107,6 +132,40 @@ def test_installing_keeps_the_installed_torch(tmp_path):
     installs = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert "segmentmbtfe" in installs
     assert not installs & {"torch", "nvidia-cudnn-cu12", "nvidia-cublas-cu12"}, installs
+
+
+def test_the_installed_wheel_predicts_with_its_shipped_default_model(tmp_path, hippo_test_cases, agreement):
+    """`pip install` of the built wheel (not editable) into a fresh venv, then `segment-mbtfe predict` without -m
+    from a folder outside the repository: the default model comes from inside the installed package. The venv sees
+    this environment's torch, numpy, scipy and SimpleITK through a .pth line (nothing downloaded); the engine
+    only from the wheel (PYTHONPATH, which points the tests at the checkout, is dropped)."""
+    source = tmp_path / "source"  # a copy: setuptools builds in the tree it is given, and an old build/ could leak in
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                "Testing", "benchmarks", "demo"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, timeout=600)
+    [wheel] = (tmp_path / "dist").glob("*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    scripts = venv / ("Scripts" if sys.platform == "win32" else "bin")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["SEGMENTMBTFE_HOME"] = str(tmp_path / "home")
+    site = subprocess.run([str(scripts / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(pip + ["--python", str(scripts / "python"), "install", "--no-index", str(wheel)], env=env,
+                   check=True, timeout=300)
+    image = hippo_test_cases[0][0]
+    done = subprocess.run([str(scripts / "segment-mbtfe"), "predict", "-i", str(image), "-o", "out.nii.gz", "--no-tta"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    installed = Path(site) / "SegmentMBTFELib" / "shipped_models" / DEFAULT_MODEL
+    assert f"Using default model {installed}, version original" in done.stderr, done.stderr
+    from SegmentMBTFELib.io.images import read_channels
+    expected = load_model(REPO / "models" / DEFAULT_MODEL).predict(read_channels([image]), tta=False)
+    assert len(np.unique(expected.labels.array)) == 3
+    assert agreement(tmp_path / "out.nii.gz", expected.labels.array) >= 0.9999  # the parity floor: threads may differ
 
 
 def test_unknown_trainer_builds_the_plans_network(tmp_path):

@@ -116,8 +116,10 @@ def test_state_dict_names_are_mbtfe_md_and_nnunet_names():
 
 
 def test_batchnorm_variant_loads_running_statistics():
-    """A checkpoint of the original code (BatchNorm3d in MBTFE, running statistics) loads strictly, its
-    statistics are used in eval mode, and the engine recognises it by its weights whatever its trainer."""
+    """Weights of the original code's BatchNorm variant (BatchNorm3d in the MBTFE modules, running statistics),
+    made by this project's own network built with mbtfe_norm="batch" (no checkpoint of the original code is at
+    hand): they load strictly, their statistics are used in eval mode, and the engine recognises the variant by
+    its weights whatever the trainer is called."""
     trained = network_for("isotropic_3d", mbtfe_norm="batch")
     trained.train()
     with torch.no_grad():
@@ -130,7 +132,7 @@ def test_batchnorm_variant_loads_running_statistics():
                                             {"network_weights": weights, "trainer_name": "nnUNetTrainerMBTFEAdan"})
     assert architecture["arch_kwargs"]["mbtfe_norm"] == "batch" and architecture["arch_kwargs"]["eab"] is True
     loaded = build_network(architecture, 1, 3)
-    load_weights(loaded, weights, "original.pth")
+    load_weights(loaded, weights, "the BatchNorm variant's weights")
     x = torch.randn(1, 1, *PLANS["isotropic_3d"][1])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), trained.eval()(x))

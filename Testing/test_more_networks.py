@@ -3,14 +3,13 @@ networks (2D and 3D, anisotropic strides, deep supervision, pruning, the VAE bra
 refused when unknown), their nnU-Net trainers (found by nnU-Net's lookup, their losses), parity with nnU-Net's own
 predictor on folders nnU-Net's own training loop wrote with each trainer (nnunet_reference kinds hippo3d_<net> with
 two folds and TTA, hippo2d_<net> without TTA, ct_aniso_<net> with TTA and [1,2,2] strides), and each network
-segmenting through the command line and the Slicer worker and fine-tuning into a version.
+segmenting through the command line and the Slicer module's worker process and fine-tuning into a version.
 
 nnunetv2 only ever runs in subprocesses (nnunet_reference.py and the trainer checks below): importing it here
 would freeze its nnUNet_* paths for the session.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import model_factory
 import nnunet_reference as ref
 from SegmentMBTFELib import ModelError, cli, load_model
 from SegmentMBTFELib.io.images import read_volume
+from SegmentMBTFELib.io.segfile import read_seg_nrrd
 from SegmentMBTFELib.models.table import FAMILY_OPTIONS, network_text
 from SegmentMBTFELib.models.versions import ModelVersions
 from SegmentMBTFELib.networks import architecture_for_trainer, build_network
@@ -344,16 +344,26 @@ def test_pruning_recorded_in_the_plans_is_what_the_engine_runs(nnunet_model, tmp
 
 # ------------------------------------------------------------------------------------------------ CLI, worker, fine-tune
 
-def _worker_segment(model_dir: Path, image: Path, output_dir: Path) -> Path:
-    """The Slicer worker's `segment_files` job, in this process (the worker process runs exactly this)."""
-    from SegmentMBTFELib.worker import Worker
-    output = io.BytesIO()
-    Worker(output).run({"id": 1, "command": "segment_files", "model": str(model_dir), "cases": [[str(image)]],
-                        "output_dir": str(output_dir), "format": ".nii.gz", "options": {"tta": False,
-                                                                                         "device": "cpu"}})
-    result = [json.loads(line) for line in output.getvalue().decode().splitlines() if line.strip()][-1]
-    assert result["type"] == "result" and not result["failed"], result
-    return Path(result["written"][0])
+def _worker_segment(model_dir: Path, image: Path, output_dir: Path, suffix: str = ".nii.gz") -> Path:
+    """The Slicer module's `segment_files` job, sent to a real worker process (`python -m SegmentMBTFELib worker`,
+    the command the module starts with Slicer's Python), one JSON request on its stdin, replies on its stdout."""
+    request = {"id": 1, "command": "segment_files", "home": os.environ["SEGMENTMBTFE_HOME"], "model": str(model_dir),
+               "cases": [[str(image)]], "output_dir": str(output_dir), "format": suffix,
+               "options": {"tta": False, "device": "cpu"}}
+    with subprocess.Popen([sys.executable, "-m", "SegmentMBTFELib", "worker"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as worker:
+        worker.stdin.write(json.dumps(request) + "\n")
+        worker.stdin.flush()
+        reply = {"type": "no reply: the worker exited"}
+        for line in worker.stdout:  # progress until the job's result (or error); closing stdin first would cancel it
+            reply = json.loads(line)
+            if reply.get("id") == 1 and reply["type"] not in ("progress", "fallback"):
+                break
+        worker.stdin.write(json.dumps({"command": "shutdown"}) + "\n")
+        worker.stdin.close()
+        assert worker.wait(timeout=120) == 0
+    assert reply["type"] == "result" and not reply["failed"], reply
+    return Path(reply["written"][0])
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
@@ -392,6 +402,10 @@ def test_segments_and_finetunes_through_cli_and_worker(net, nnunet_model, tmp_pa
         parent = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu",
                             weights_only=False)["network_weights"]
         assert all(torch.equal(saved[k], v) for k, v in parent.items() if k.startswith("vae."))
-    assert cli.main(["predict", "-m", str(folder), "-i", str(image), "-o", str(tmp_path / "v1.nii.gz"),
-                     "--no-tta", "--device", "cpu", "-q"]) == 0  # the current version now
-    assert _worker_segment(folder, image, tmp_path / "worker_v1").is_file()
+    # the current version now: the .seg.nrrd files record which version and which weights segmented them
+    assert cli.main(["predict", "-m", str(folder), "-i", str(image), "-o", str(tmp_path / "v1.seg.nrrd"),
+                     "--no-tta", "--device", "cpu", "-q"]) == 0
+    from_worker = _worker_segment(folder, image, tmp_path / "worker_v1", ".seg.nrrd")
+    for written in (tmp_path / "v1.seg.nrrd", from_worker):
+        recorded = read_seg_nrrd(written)[2]
+        assert recorded["version"] == version.id and recorded["checksum"] == tuned.checksum() != original.checksum()

@@ -102,6 +102,9 @@ def test_postprocessing_from_the_model_folder(hippo3d_postprocessing_model, hipp
     check(prediction, reference, agreement)
     without = ours(folder, case, postprocess=False)
     assert without.settings["postprocessing"] is False
+    check(without, theirs(nnunet_prediction, folder, case), agreement)  # nnU-Net's prediction before its postprocessing
+    # the recipe changes this case (else the two comparisons above would be one)
+    assert not np.array_equal(prediction.labels.array, without.labels.array)
 
 
 def test_best_checkpoint(hippo3d_model, hippo_test_cases, nnunet_prediction, agreement):

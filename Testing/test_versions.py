@@ -354,7 +354,7 @@ def test_nnunet_predicts_with_a_version_folder_as_with_ours(original, nnunet_pre
     from SegmentMBTFELib.io.images import read_channels
     ours = load_model(version.path).predict(read_channels(case), tta=False).labels.array
     original_labels = load_model(original).predict(read_channels(case), tta=False).labels.array
-    assert agreement(ours, nnunet_labels) > 0.999
+    assert agreement(ours, nnunet_labels) >= 0.9999  # the parity floor of test_parity.py
     assert agreement(original_labels, nnunet_labels) < agreement(ours, nnunet_labels)  # the fine-tuned weights
 
 

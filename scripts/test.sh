@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh --test
+# Without ../shared/data or a reference package the tests needing them would skip and the run pass: stop instead.
+.venv/bin/python scripts/check_test_setup.py
 scripts/setup-slicer-pythons.sh
 exec .venv/bin/python -m pytest "$@"

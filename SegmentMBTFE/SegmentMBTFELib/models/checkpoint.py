@@ -170,4 +170,15 @@ def load_weights(network: torch.nn.Module, weights: dict, source) -> None:
         k = wrong[0]
         raise ModelError(f"The weights in {source} do not fit the network its plans describe: {k} has shape "
                          f"{tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}.")
+    _refuse_non_finite(weights, source)
     network.load_state_dict(weights)
+
+
+def _refuse_non_finite(weights: dict, source) -> None:
+    """NaN or infinite weights (a training that diverged, a damaged file) make NaN logits, which argmax still
+    turns into a plausible-looking label map: refuse them rather than segment silently."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ModelError(f"Refusing the weights in {source}: they hold NaN or infinite values ({bad[0]}{more}), "
+                         f"the sign of a training that diverged or of a damaged file.")

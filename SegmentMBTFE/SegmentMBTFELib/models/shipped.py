@@ -8,9 +8,10 @@ from typing import List
 from ..errors import ModelError
 
 MODULE_DIR = Path(__file__).resolve().parents[2]  # SegmentMBTFE/, which holds SegmentMBTFELib/models/
-# Source checkout: <repo>/models next to the module folder. Installed extension: CMake copies the same
-# folder into the module's Resources.
-SHIPPED_MODEL_DIRS = (MODULE_DIR.parent / "models", MODULE_DIR / "Resources" / "Models")
+# Source checkout (and editable install): <repo>/models next to the module folder. Installed extension: CMake copies
+# the same folder into the module's Resources. Installed wheel: setup.py copies its models into the package.
+SHIPPED_MODEL_DIRS = (MODULE_DIR.parent / "models", MODULE_DIR / "Resources" / "Models",
+                      Path(__file__).resolve().parents[1] / "shipped_models")
 # The better of the two shipped hippocampus models on their cross-validation (models/README.md).
 DEFAULT_MODEL = "hippocampus_mbtfe"
 
