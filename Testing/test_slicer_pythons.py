@@ -27,9 +27,10 @@ ENVIRONMENTS = {  # name -> (Python, numpy, torch's numpy bridge works)
     "5.10-macos": ((3, 12), "2.0.2", False),
     "5.8-macos": ((3, 9), "1.26.4", True),
 }
-EVIL = ("a checkpoint that runs a shell command when unpickled",
-        "an nnU-Net v1 plans.pkl that runs a shell command when unpickled",
-        "an nnU-Net v1 .model.pkl that runs a shell command when unpickled")
+REFUSED = ("a checkpoint that runs a shell command when unpickled",
+           "an nnU-Net v1 plans.pkl that runs a shell command when unpickled",
+           "an nnU-Net v1 .model.pkl that runs a shell command when unpickled",
+           "weights that are NaN (a training that diverged)")
 
 
 @pytest.fixture(scope="module", params=sorted(ENVIRONMENTS), ids=sorted(ENVIRONMENTS))
@@ -105,10 +106,10 @@ def test_a_finetune_finishes_and_its_version_segments(slicer_python, hippo3d_mod
     assert "version v1" in segmented.stderr and len(np.unique(labels(output))) > 1
 
 
-@pytest.mark.parametrize("given", EVIL)
-def test_checkpoints_that_run_code_are_refused(slicer_python, given, models, good_image, tmp_path):
-    """The safety catalogue's cases of pickled code, run by that environment's command line: one line, exit 1,
-    nothing written, and the code never ran (each case's own check)."""
+@pytest.mark.parametrize("given", REFUSED)
+def test_hostile_checkpoints_are_refused(slicer_python, given, models, good_image, tmp_path):
+    """The safety catalogue's cases of pickled code (and NaN weights), run by that environment's command line:
+    one line, exit 1, nothing written, and the code never ran (each case's own check)."""
     _, python = slicer_python
     [case] = [c for c in catalogue.CASES if c.given == given]
     (tmp_path / "out").mkdir()
@@ -124,7 +125,8 @@ def test_checkpoints_that_run_code_are_refused(slicer_python, given, models, goo
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and case.outcome.matches(lines[0]), err
     assert list((tmp_path / "out").iterdir()) == []
-    attempt.check()
+    if attempt.check:
+        attempt.check()
 
 
 def test_module_and_engine_need_nothing_newer_than_python_39():
