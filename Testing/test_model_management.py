@@ -224,3 +224,19 @@ def test_listing_reads_json_and_v1_pickles_as_plain_data_only(home, run, tmp_pat
     model_files = [Path(f) for f in result["opened"] if f.startswith((str(tmp_path), str(ROOT / "models")))]
     assert {f.suffix for f in model_files} == {".json", ".pkl"}, model_files
     assert {f.name for f in model_files if f.suffix == ".pkl"} == {"plans.pkl", "model_final_checkpoint.model.pkl"}
+
+
+def test_an_add_clears_what_a_killed_add_left_a_day_ago(home, run, models):
+    """A killed add leaves a hidden work folder: never listed; the next add removes it once a day old (younger
+    ones may belong to an add still running)."""
+    import os
+    import time
+    (home / "models").mkdir(parents=True)
+    old, young = home / "models" / ".adding-old", home / "models" / ".adding-young"
+    for folder in (old, young):
+        (folder / "Dataset999_Tiny").mkdir(parents=True)
+    day_ago = time.time() - 24 * 3600 - 60
+    os.utime(old, (day_ago, day_ago))
+    assert "Dataset999_Tiny" not in rows(run("models", "list")[1])
+    assert run("models", "add", models["one"])[0] == 0
+    assert not old.exists() and young.is_dir()
