@@ -195,3 +195,27 @@ def test_openvino_telemetry_is_never_used(models, good_image, tmp_path):
     assert not result["imported"]
     assert result["users"] and all(result["users"].values()), result["users"]
     assert result["connects"] == []
+
+
+def test_float32_with_torchs_threads(models):
+    """The README: precision stays float32, set explicitly (OpenVINO would pick bfloat16 on this CPU), and
+    OpenVINO uses as many threads as torch."""
+    model = load_model(models["one"])
+    model.backend = "openvino"
+    compiled = backends.cpu_network(model, 0, torch.device("cpu"), []).request.get_compiled_model()
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+
+
+def test_the_cache_keeps_the_8_most_recently_used_networks(tmp_path):
+    import time
+    now = time.time()
+    for i in range(10):
+        (tmp_path / f"network{i}").mkdir()
+        os.utime(tmp_path / f"network{i}", (now - 100 + i, now - 100 + i))  # network9 used last
+    (tmp_path / ".converting-old").mkdir()
+    os.utime(tmp_path / ".converting-old", (now - 7200, now - 7200))  # a conversion killed two hours ago
+    (tmp_path / ".converting-now").mkdir()  # one under way
+    backends._prune(tmp_path, keep=backends.KEEP_ON_DISK)
+    assert backends.KEEP_ON_DISK == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".converting-now"] + [f"network{i}" for i in range(2, 10)]
