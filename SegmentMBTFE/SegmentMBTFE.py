@@ -160,7 +160,7 @@ class SegmentMBTFELogic(ScriptedLoadableModuleLogic):
 
         outputSegmentation: None creates a new node; an existing node keeps its other segments and only this
         model's earlier segments are replaced. progress(fraction, text) is called along the way (default: the
-        log); `cancel` (a threading.Event) stops the run within one tile. Blocks, keeping Slicer painting.
+        log); `cancel` (a threading.Event) stops the run (2 s at most). Blocks, keeping Slicer painting.
         uncertainty: also the entropy (and disagreement) maps over the image and a table per segment.
         backend: what runs the network on the CPU: "torch" (default), "openvino" (faster; needs openvino in
         Slicer's Python) or "auto" (OpenVINO when installed, else torch); a GPU always runs torch.

@@ -1172,10 +1172,10 @@ def external(group, given, outcome, name):
     case(group, given, outcome, process=True, custom=True)(make)
 
 
-external(OUTPUTS, "Ctrl+C (SIGINT) at random moments while the outputs are written",
+external(OUTPUTS, "Ctrl+C (SIGINT) while the outputs are written (4 runs: 0, 0.05, 0.15, 0.35 s into the writing)",
          Works("exit 130 and nothing written, or, when it came after the last byte, the complete output; never a "
                "partial or temporary file"), "sigint_while_writing")
-external(OUTPUTS, "SIGTERM (a scheduler or `kill`) at random moments while the outputs are written",
+external(OUTPUTS, "SIGTERM (a scheduler or `kill`) while the outputs are written (the same 4 moments)",
          Works("exit 143 and nothing written, or the complete output; never a partial or temporary file"),
          "sigterm_while_writing")
 external(VERSIONS, "two processes fine-tuning the same model at once",
@@ -1184,7 +1184,8 @@ external(VERSIONS, "two processes fine-tuning the same model at once",
 external(VERSIONS, "processes switching, rolling back and adding versions of one model at once",
          Works("every version kept and loadable, the version list valid, no lock left behind"),
          "concurrent_version_switching")
-external(VERSIONS, "a fine-tune killed (SIGKILL) at random moments, including while it writes the version",
+external(VERSIONS, "a fine-tune killed (SIGKILL) while training and at 0 and 0.02 s into writing the version (random "
+         "moments: benchmarks/stress_kill_finetune.py)",
          Works("no damaged or half-written version, the current version loads; the next fine-tune works and "
                "clears what the killed one left"), "killed_finetune")
 external("Batch", "a folder of cases where some are broken (cut short, constant, not an image, an empty folder)",

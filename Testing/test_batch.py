@@ -289,6 +289,34 @@ def test_two_worker_processes_share_the_cases_and_write_one_manifest(models, tmp
     assert code == cli.EXIT_ERROR and "0 segmented, 4 skipped (already done), 1 failed" in stdout
 
 
+def test_a_worker_process_that_dies_fails_only_the_cases_it_had_left(models, tmp_path, capsys, monkeypatch):
+    """The second of two worker processes is killed (SIGKILL, as the system's out-of-memory killer does) once it
+    has segmented its first case: the first worker's cases are all written, the dead one's are failed, saying
+    so, and the exit code is 1."""
+    from SegmentMBTFELib.batch import distribute
+    settle = distribute._WorkerProcess.settle
+
+    def settle_then_kill(worker, reply):
+        settled = settle(worker, reply)
+        if worker.name.startswith("worker 2") and len(worker.done) == 1:
+            worker.process.kill()
+        return settled
+    monkeypatch.setattr(distribute._WorkerProcess, "settle", settle_then_kill)
+    folder, out = cases_folder(tmp_path, 6), tmp_path / "out"
+    code, stdout, err = run(capsys, "predict", "-q", "-m", models["one"], "-i", folder, "-o", out,
+                            "--devices", "cpu,cpu", "--format", ".nii.gz")
+    assert code == cli.EXIT_ERROR
+    rows = {r["case"]: r for r in manifest_rows(out)}
+    first, second = ["case0", "case2", "case4"], ["case1", "case3", "case5"]  # the parts: every other case
+    assert all(rows[c]["status"] == "segmented" and (out / f"{c}.nii.gz").is_file() for c in first)
+    assert rows["case1"]["status"] == "segmented"
+    failed = [c for c in second if rows[c]["status"] == "failed"]
+    assert failed, "the killed worker had segmented all its cases before it was killed: nothing was tested"
+    for case in failed:
+        assert rows[case]["reason"] == ("its worker 2 of 2 (cpu) ended (exit code -9) before segmenting it; "
+                                        "rerun to segment it") and not (out / f"{case}.nii.gz").exists()
+
+
 def test_worker_devices_are_checked_in_one_sentence(models, good_image, tmp_path, capsys):
     from SegmentMBTFELib.batch.distribute import worker_devices
     assert worker_devices("cpu", 3) == ["cpu"] * 3 and worker_devices("auto", None, "cpu,cpu") == ["cpu", "cpu"]

@@ -163,17 +163,27 @@ def test_cases_are_drawn_in_rounds(tiny, cases):
     assert sorted(drawn) == sorted(list(range(len(data))) * 3)  # however few draws, no case is left out
 
 
-def test_cancel_stops_with_nothing_returned(tiny, cases):
+@pytest.mark.parametrize("when", ["while iteration 2 is reported", "during iteration 3's forward pass"])
+def test_cancel_stops_within_one_iteration_with_nothing_returned(tiny, cases, when):
+    """The README's bound: the iteration running when Cancel comes is finished, no other starts. Iterations
+    are counted by the network's forward passes (the fine-tune trains a copy of the network, hook included)."""
     model = load_model(tiny)
-    cancel, seen = threading.Event(), []
+    cancel, seen, forwards = threading.Event(), [], []
 
     def progress(fraction, text):
         seen.append(text)
-        if "iteration 2/" in text:
+        if when.startswith("while") and "iteration 2/" in text:
             cancel.set()
+
+    def hook(module, inputs, output):
+        forwards.append(1)
+        if when.startswith("during") and len(forwards) == 3:
+            cancel.set()
+    model.network.register_forward_hook(hook)
     with pytest.raises(Cancelled):
         finetune(model, cases[:1], settings=FinetuneSettings(iterations=50, **FAST), progress=progress, cancel=cancel)
-    assert not any("iteration 5/" in t for t in seen)
+    assert len(forwards) == (2 if when.startswith("while") else 3), f"{len(forwards)} iterations ran"
+    assert not any("iteration 3/" in t for t in seen)
 
 
 def test_bad_cases_get_one_clear_message(tiny, cases):

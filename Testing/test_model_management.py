@@ -1,6 +1,6 @@
 """Model management through the real command line: `models add` (a zip made by nnU-Net's own export, a folder,
 --link), `models list`, `models remove`, and `-m NAME`; that adding and listing never import torch (the Slicer
-panel does both in Slicer's process). The hostile zips are cases of the safety catalogue (safety_catalogue.py).
+panel does both in Slicer's process), and that listing reads JSON files and v1 pickles (as plain data) only. The hostile zips are cases of the safety catalogue (safety_catalogue.py).
 """
 from __future__ import annotations
 
@@ -178,3 +178,65 @@ def test_adding_a_zip_and_listing_never_import_torch(home, models, tmp_path):
     assert result["torch"] == [] and result["code"] == 0
     assert result["added"] == "Dataset999_Tiny (3d_fullres)" and "Dataset999_Tiny (3d_fullres)" in result["listed"]
     assert result["path"] == str(home / "models" / "Dataset999_Tiny")
+
+
+
+LIST_WITHOUT_TORCH = r"""
+import importlib.abc, io, json, sys
+class RefuseTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch must not be imported here")
+sys.meta_path.insert(0, RefuseTorch())
+opened, real_open = [], io.open
+def recording_open(file, *args, **kwargs):
+    opened.append(str(file))
+    return real_open(file, *args, **kwargs)
+io.open = recording_open  # pathlib opens files through io.open
+from SegmentMBTFELib import cli
+code = cli.main(["models", "list"])
+print(json.dumps({"code": code, "opened": opened, "torch": [m for m in sys.modules if m.split(".")[0] == "torch"]}))
+"""
+
+
+def test_listing_reads_json_and_v1_pickles_as_plain_data_only(home, run, tmp_path):
+    """What the README says `models list` reads: the models' JSON files, and for an nnU-Net v1 model its
+    plans.pkl and fold_N/*.model.pkl through the restricted unpickler (nnunet_v1.read_pickle); never a
+    checkpoint, never torch. A v1 plans.pkl that would run a command is listed as unusable; the command never runs."""
+    import json
+    import pickle
+    from types import SimpleNamespace
+    from safety_catalogue import V1_TRAINED, RunsCode, v1_folder
+    marker = tmp_path / "pwned"
+    good = v1_folder(SimpleNamespace(tmp=tmp_path / "good"))
+    evil = v1_folder(SimpleNamespace(tmp=tmp_path / "evil"))
+    assert run("models", "add", "--link", good, "--name", "v1_good")[0] == 0
+    assert run("models", "add", "--link", evil, "--name", "v1_evil")[0] == 0  # plain data when registered
+    (evil.parent / V1_TRAINED / "plans.pkl").write_bytes(pickle.dumps({"plans_per_stage": RunsCode(f"touch {marker}")}))
+    done = subprocess.run([sys.executable, "-c", LIST_WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and result["torch"] == []
+    assert not marker.exists(), "listing ran the code in a v1 plans.pkl"
+    listed = rows(done.stdout.strip().rsplit("\n", 1)[0])
+    assert listed["v1_good"][:2] == ["registered", "Generic_UNet (nnU-Net v1)"]
+    assert listed["v1_evil"][:2] == ["registered", "unusable"] and "not plain data" in done.stdout
+    model_files = [Path(f) for f in result["opened"] if f.startswith((str(tmp_path), str(ROOT / "models")))]
+    assert {f.suffix for f in model_files} == {".json", ".pkl"}, model_files
+    assert {f.name for f in model_files if f.suffix == ".pkl"} == {"plans.pkl", "model_final_checkpoint.model.pkl"}
+
+
+def test_an_add_clears_what_a_killed_add_left_a_day_ago(home, run, models):
+    """A killed add leaves a hidden work folder: never listed; the next add removes it once a day old (younger
+    ones may belong to an add still running)."""
+    import os
+    import time
+    (home / "models").mkdir(parents=True)
+    old, young = home / "models" / ".adding-old", home / "models" / ".adding-young"
+    for folder in (old, young):
+        (folder / "Dataset999_Tiny").mkdir(parents=True)
+    day_ago = time.time() - 24 * 3600 - 60
+    os.utime(old, (day_ago, day_ago))
+    assert "Dataset999_Tiny" not in rows(run("models", "list")[1])
+    assert run("models", "add", models["one"])[0] == 0
+    assert not old.exists() and young.is_dir()

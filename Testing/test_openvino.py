@@ -1,11 +1,14 @@
 """The optional OpenVINO backend (backends.py): the same labels as the torch path and as nnU-Net's own
 nnUNetPredictor on real hippocampus cases, for every network family (PlainConvUNet, ResidualEncoderUNet,
 MBTFE-UNet, a 2D model), TTA on and off; converted once per model and kept; a network that does not convert
-runs with torch and says so; asked for but not installed, one sentence.
+runs with torch and says so; asked for but not installed, one sentence; OpenVINO's usage telemetry never used.
 
 The floor is the parity tests' (test_parity.py): at least 99.99% of voxels equal. nnU-Net's predictions are
 requested exactly as test_parity.py and test_mbtfe.py request them, so a whole-suite run predicts each once.
 """
+import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -156,3 +159,63 @@ def test_command_line_backend_and_its_refusals(models, good_image, tmp_path, cap
     assert cli.main(["predict", "-m", str(models["one"]), "-i", str(good_image), "-o", str(refused),
                      "--device", "cpu", "-q", "--backend", "auto"]) == 0  # auto: torch, without a word
     assert "OpenVINO" not in capsys.readouterr().out
+
+
+NO_TELEMETRY = r"""
+import importlib.util, json, socket, sys
+connects = []
+def refuse(self, address, *rest):  # record any attempt to reach the network (there is none here anyway)
+    connects.append(str(address))
+    raise OSError("no network in this test")
+socket.socket.connect = socket.socket.connect_ex = refuse
+from SegmentMBTFELib import load_model, read_volume
+model = load_model(sys.argv[1])
+model.backend = "openvino"
+prediction = model.predict([read_volume(sys.argv[2])], device="cpu", tta=False)
+import openvino.tools.ovc.telemetry_stub as stub
+users = {name: module.tm is stub for name, module in list(sys.modules.items())
+         if name.startswith("openvino.") and hasattr(module, "tm")}
+print(json.dumps({"backend": prediction.settings["backend"], "installed": importlib.util.find_spec(
+    "openvino_telemetry") is not None, "imported": "openvino_telemetry" in sys.modules, "users": users,
+    "connects": connects}))
+"""
+
+
+def test_openvino_telemetry_is_never_used(models, good_image, tmp_path):
+    """The README's 'nothing is sent to Intel': in a fresh process (converting, with an empty cache), the
+    installed openvino_telemetry package is never imported, and every OpenVINO module that would send usage
+    events holds OpenVINO's own do-nothing stand-in; no socket is opened."""
+    done = subprocess.run([sys.executable, "-c", NO_TELEMETRY, str(models["one"]), str(good_image)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SEGMENTMBTFE_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "openvino" and (tmp_path / "home" / "cache" / "openvino").is_dir()  # converted
+    assert result["installed"], "openvino_telemetry is not installed: this test would prove nothing"
+    assert not result["imported"]
+    assert result["users"] and all(result["users"].values()), result["users"]
+    assert result["connects"] == []
+
+
+def test_float32_with_torchs_threads(models):
+    """The README: precision stays float32, set explicitly (OpenVINO would pick bfloat16 on this CPU), and
+    OpenVINO uses as many threads as torch."""
+    model = load_model(models["one"])
+    model.backend = "openvino"
+    compiled = backends.cpu_network(model, 0, torch.device("cpu"), []).request.get_compiled_model()
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+
+
+def test_the_cache_keeps_the_8_most_recently_used_networks(tmp_path):
+    import time
+    now = time.time()
+    for i in range(10):
+        (tmp_path / f"network{i}").mkdir()
+        os.utime(tmp_path / f"network{i}", (now - 100 + i, now - 100 + i))  # network9 used last
+    (tmp_path / ".converting-old").mkdir()
+    os.utime(tmp_path / ".converting-old", (now - 7200, now - 7200))  # a conversion killed two hours ago
+    (tmp_path / ".converting-now").mkdir()  # one under way
+    backends._prune(tmp_path, keep=backends.KEEP_ON_DISK)
+    assert backends.KEEP_ON_DISK == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".converting-now"] + [f"network{i}" for i in range(2, 10)]

@@ -1,7 +1,8 @@
 """The models the panel offers: the same models as `segment-mbtfe models list` (SegmentMBTFELib.models.home),
 one entry per trained configuration; and adding a model folder or zip, the way `models add` does.
 
-Only JSON is read (dataset.json, plans.json, the fold folders), never a checkpoint, and torch is never imported:
+Only JSON is read (dataset.json, plans.json, the fold folders; for an nnU-Net v1 model its pickles, as plain data
+only: models/nnunet_v1.py), never a checkpoint, and torch is never imported:
 the panel lists models and shows their labels, channels and modality before PyTorch is even installed, and
 unpacks a zip in Slicer's own process. A folder is registered where it is (as `models add --link`, so removing
 it later never deletes it); a zip is unpacked into the models home. Earlier releases kept the added folders in

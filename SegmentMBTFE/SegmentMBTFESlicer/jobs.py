@@ -8,7 +8,7 @@ as Qt events on the main thread (worker.py): progress goes to on_progress(fracti
 handed to settle(message, folder), which turns it into the job's result on the main thread (for Segment:
 segments written into the scene) unless the job was cancelled meanwhile (then discard(message) takes back
 what the worker made, e.g. a fine-tuned version); on_finished(outcome) is called
-exactly once. Cancel asks the worker to stop (it does within one tile or training iteration); a worker
+exactly once. Cancel asks the worker to stop (it does at its next cancel point: README, The worker process); a worker
 that does not answer within 2 s is killed. Either way nothing is settled, so nothing reaches the scene.
 """
 import logging

@@ -5,7 +5,7 @@ Segment and Cancel buttons, progress.
     section.setup(); section.setParameterNode(parameterNode)
 
 The run is a job for the worker process (logic.py): the panel stays responsive, shows the stage and tile,
-and Cancel stops it within one tile without changing the scene. In an existing segmentation only this
+and Cancel stops it (2 s at most) without changing the scene. In an existing segmentation only this
 model's earlier segments are replaced, and only after the user agreed. The settings live in the module's
 parameter node, so they are saved with the scene and restored when it is loaded.
 

@@ -250,7 +250,8 @@ class Model:
             if case.uncertainty else {}
         reporter.report(0.95, "exporting")
         labelmap, probs = self._export(case.logits, pre, self.labels, self.folder.transpose_backward,
-                                       resampling_kwargs(self.configuration, "probabilities"), case.probabilities)
+                                       resampling_kwargs(self.configuration, "probabilities"), case.probabilities,
+                                       check_cancel=reporter.check_cancel)
         case.logits = case.expected = None
         recipe = self.postprocessing if case.postprocess else None
         if recipe:
@@ -368,6 +369,9 @@ class _Prefixed:
 
     def report(self, fraction, stage):
         self.reporter.report(fraction, self.prefix + stage)
+
+    def check_cancel(self):
+        self.reporter.check_cancel()
 
 
 def _check_content(volume: Volume, model_is_2d: bool):

@@ -100,15 +100,29 @@ def _run(network, batch: torch.Tensor) -> torch.Tensor:
     return network(batch)
 
 
-def predict_tiles(network, patches: torch.Tensor, flips: List[tuple], batch_size: int, pass_entropy=None):
+def run_passes(network, copies: torch.Tensor, batch_size: int, progress: Optional[Progress] = None) -> list:
+    """The network's outputs for `copies`, `batch_size` at a time, with a cancel point before every pass: a
+    big tile's mirrored copies can take several passes of seconds each on a CPU, and a cancel should not
+    wait for all of them."""
+    outputs = []
+    for i in range(0, copies.shape[0], batch_size):
+        if progress is not None:
+            progress.check_cancel()
+        outputs.append(_run(network, copies[i:i + batch_size]))
+    return outputs
+
+
+def predict_tiles(network, patches: torch.Tensor, flips: List[tuple], batch_size: int, pass_entropy=None,
+                  progress: Optional[Progress] = None):
     """Logits of each patch averaged over its mirrored copies, summed in nnU-Net's order.
 
     All copies of all patches run through the network in batches; flipping back and averaging happen
     per patch afterwards, so the sums are those of nnU-Net's one-pass-at-a-time loop. With `pass_entropy`
     (logits (n, C, *patch) -> (n, *patch)) it also returns the mean over the copies of each one's entropy.
+    `progress` is checked for a cancel before every network pass (run_passes).
     """
     copies = torch.cat([patches] + [torch.flip(patches, axes) for axes in flips]) if flips else patches
-    outputs = [_run(network, copies[i:i + batch_size]) for i in range(0, copies.shape[0], batch_size)]
+    outputs = run_passes(network, copies, batch_size, progress)
     outputs = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # logits are big: no copy when one batch
     n = patches.shape[0]
     prediction = outputs[:n]
@@ -142,13 +156,14 @@ def predict_logits(network, data: torch.Tensor, patch_size, num_heads: int, *, s
     gaussian = gaussian_weights(patch_size, results_device)
     flips = mirror_combinations(mirror_axes)
     all_tiles = tiles(spatial, patch_size, step_size)
-    # At most two tiles per step, so a cancel (checked at every tile's report) waits for two tiles at most.
+    # At most two tiles per step, and a cancel is checked before every network pass (predict_tiles), so a
+    # cancel waits for the pass that is running: two tiles, or (with TTA) one tile's mirrored copies at most.
     per_step = max(1, min(2, batch_size // (len(flips) + 1)))
     for first in range(0, len(all_tiles), per_step):
         group = all_tiles[first:first + per_step]
         progress.report(first / len(all_tiles), f"tile {first + 1} of {len(all_tiles)}")
         patches = torch.stack([padded[tile] for tile in group]).to(device, non_blocking=True)
-        predictions = predict_tiles(network, patches, flips, batch_size, pass_entropy)
+        predictions = predict_tiles(network, patches, flips, batch_size, pass_entropy, progress)
         if pass_entropy:
             predictions, entropies = predictions
             for tile, entropy in zip(group, entropies.to(results_device)):

@@ -11,8 +11,9 @@ The models home is `models/` in the versions home ($SEGMENTMBTFE_HOME). An added
 folder there and renamed into place when complete, so a failed or interrupted add leaves nothing that is listed,
 and a later add clears what a killed one left. Each added model is a folder as nnU-Net's results hold it: the
 dataset folder with its trained configuration folders. Registered folders are listed in
-`models/registered.json`. Only JSON is read here, never a checkpoint, and torch is never imported: the Slicer
-panel lists and adds models in Slicer's own process.
+`models/registered.json`. Only JSON is read here (and an nnU-Net v1 model's plans.pkl and .model.pkl, through the
+restricted unpickler of nnunet_v1.py, which builds plain data only), never a checkpoint, and torch is never
+imported: the Slicer panel lists and adds models in Slicer's own process.
 """
 import json
 import os

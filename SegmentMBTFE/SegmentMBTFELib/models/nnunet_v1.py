@@ -631,7 +631,7 @@ def predict_probabilities_v1(network, data, patch_size, num_heads: int, *, step_
     results as sliding_window.predict_logits (with `pass_entropy`: (probabilities, mean entropy of the passes)),
     so model.Model runs it in place of that."""
     import torch
-    from ..inference.sliding_window import _run, pad_to_patch, tiles
+    from ..inference.sliding_window import pad_to_patch, run_passes, tiles
     from ..progress import Progress
     from ..tensors import to_tensor
     progress = progress or Progress()
@@ -654,8 +654,7 @@ def predict_probabilities_v1(network, data, patch_size, num_heads: int, *, step_
         progress.report(first / len(all_tiles), f"tile {first + 1} of {len(all_tiles)}")
         patches = torch.stack([padded[tile] for tile in group]).to(device)
         copies = torch.cat([patches] + [torch.flip(patches, axes) for axes in flips])
-        outputs = torch.cat([_run(network, copies[i:i + batch_size]).float()
-                             for i in range(0, copies.shape[0], batch_size)])
+        outputs = torch.cat([o.float() for o in run_passes(network, copies, batch_size, progress)])
         n = len(group)
         result = torch.zeros((n, num_heads, *patch_size), dtype=torch.float32, device=device)
         entropy = 0

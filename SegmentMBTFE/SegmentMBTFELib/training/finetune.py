@@ -276,6 +276,9 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
     losses, stopped, started = [], "", time.perf_counter()
     sampling = stepping = 0.0
     while len(losses) < limit:
+        # a cancel point before each iteration too (the one after it reports): a cancel that comes while the
+        # progress is being shown stops before the next iteration, so one set during an iteration ends with it
+        reporter.check_cancel()
         it, elapsed = len(losses), time.perf_counter() - started
         if budget_s is not None and it > 0 and elapsed >= budget_s:
             if settings.iterations:
