@@ -16,7 +16,7 @@ Requests, one JSON object per line on stdin (arrays are files in the job's folde
    "format": "seg.nrrd" | "dicom-seg" | ".nii.gz" ..., "options": {...}}
   {"id": 5, "command": "finetune", "folder": DIR, "model": PATH, "cases": [CASE, ...], "settings": {...}}
   Every job request also names "home", the versions home of the module's process (SEGMENTMBTFE_HOME).
-  {"command": "cancel", "id": 3}     stop that job within one tile (or training iteration)
+  {"command": "cancel", "id": 3}     stop that job at its next cancel point (network pass, export class, iteration)
   {"command": "shutdown"}             cancel what runs, then exit
 Replies, one JSON object per line on stdout (nothing else is written there: prints go to stderr):
   {"type": "started", "pid": ...}      at once, before torch is imported: the pid the module ends it by
