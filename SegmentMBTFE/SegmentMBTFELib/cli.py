@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR, format="%(message)s")
-    import_torch_quietly()
+    if not getattr(args, "imports_torch_itself", False):
+        import_torch_quietly()
     try:
         with _sigterm_stops(args.run in (_predict, _finetune, _models_add)):
             return args.run(args) or 0
@@ -227,8 +228,9 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="serve the Slicer module: JSON requests on stdin, replies on stdout (see worker.py)")
     worker.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="exit after this long without a request (600)")
+    # imports_torch_itself: the worker says its pid at once, before the seconds torch takes (worker.py)
     worker.set_defaults(run=lambda args: __import__(f"{__package__}.worker", fromlist=["main"]).main(
-        args.idle_timeout))
+        args.idle_timeout), imports_torch_itself=True)
 
     from .training.nnunet_trainer.commands import add_parser as add_trainer_commands
     add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)

@@ -46,6 +46,7 @@ import traceback
 
 from . import exchange
 from .errors import Cancelled, SegmentError
+from .requirements import import_torch_quietly
 
 log = logging.getLogger("SegmentMBTFE.worker")
 DEFAULT_IDLE_TIMEOUT = 600.0   # seconds; the module's setting overrides it
@@ -144,7 +145,8 @@ class Worker:
 
     # -- jobs -------------------------------------------------------------------------------------------------
     def serve(self) -> None:
-        import torch  # now, so the first job does not wait for it
+        import_torch_quietly()  # now, so the first job does not wait for it
+        import torch
         self.send({"type": "ready", "protocol": exchange.PROTOCOL, "pid": os.getpid(),
                    "python": sys.executable, "torch": torch.__version__})
         while True:
