@@ -283,7 +283,7 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
                         checkpoint: str = "checkpoint_final.pth", tta: bool = True, step_size: float = 0.5,
                         save_probabilities: bool = False, configuration: Optional[str] = None,
                         postprocessing: Union[str, Path, None] = None, threads: Optional[int] = None,
-                        timeout: float = 1200) -> list[Path]:
+                        shim_trainers: bool = False, timeout: float = 1200) -> list[Path]:
     """Runs nnUNetPredictor (CPU) on real image files and returns the written label files, in case order.
 
     cases: one list of per-channel image files per case (NIfTI, NRRD, MHA; DICOM must be converted first,
@@ -291,6 +291,8 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
     model_dir: a trained-model folder, or a dataset results folder together with `configuration`.
     With save_probabilities the .npz next to each label file holds nnU-Net's exported `probabilities`.
     postprocessing: a postprocessing.pkl to apply to the label files with nnU-Net's own function, afterwards.
+    shim_trainers: find a trainer other than nnUNetTrainer in SegmentMBTFE's shim folder (SHIM_DIR), as training
+    does, instead of requiring it registered in the installed nnunetv2.
     threads: torch threads; None does what `nnUNetv2_predict -device cpu` does (all cores; nnU-Net then
     caps the sliding window at $nnUNet_def_n_proc, default 8).
     The model-load and prediction times are written to output_dir/nnunet_timing.json (see read_timing).
@@ -304,7 +306,8 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
                "outputs": [str(output_dir / n) for n in names], "folds": _folds_arg(folds),
                "checkpoint": checkpoint, "tta": tta, "step_size": step_size,
                "save_probabilities": save_probabilities, "threads": threads or os.cpu_count(),
-               "postprocessing": str(Path(postprocessing).resolve()) if postprocessing else None}
+               "postprocessing": str(Path(postprocessing).resolve()) if postprocessing else None,
+               "shim_trainers": shim_trainers}
     # The results root only matters for nnunetv2's import-time paths; predicting needs no dataset there.
     _run_worker("predict", request, output_dir / ".nnunet_env", log_dir=output_dir, timeout=timeout)
     labels = [output_dir / f"{n}{ending}" for n in names]
@@ -672,14 +675,7 @@ def _train_fold(dataset: Dataset, planner: str, configuration: str, fold: int, s
     plans = load_json(os.path.join(preprocessed, PLANNERS[planner][0] + ".json"))
     plans["continue_training"] = False  # nnunetv2 2.8.1's trainer pops this key; run_training.py sets it
     dataset_json = load_json(os.path.join(preprocessed, "dataset.json"))
-    trainer_class = nnUNetTrainer
-    if trainer_name != TRAINER:
-        # nnU-Net's own search of an nnUNet_extTrainer folder (find_objects.recursive_find_trainer_class_by_name
-        # does exactly this for each listed folder), here SegmentMBTFE's shim folder. Not the whole lookup: it first
-        # imports every module of nnunetv2's trainer package, and primus/ there fails against a CPU build of torch.
-        from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-        trainer_class = recursive_find_python_class(str(SHIM_DIR), trainer_name, None, base_folder=str(SHIM_DIR),
-                                                    cleanup_imports_from_base_folder=True)
+    trainer_class = nnUNetTrainer if trainer_name == TRAINER else _shim_trainer_class(trainer_name)
     trainer = trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 1 if train_iterations > 0 else 0
     trainer.num_iterations_per_epoch = train_iterations
@@ -687,6 +683,15 @@ def _train_fold(dataset: Dataset, planner: str, configuration: str, fold: int, s
     trainer.run_training()
     if train_iterations == 0:  # no epoch ran, so nnU-Net never wrote a "best" checkpoint
         trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
+
+
+def _shim_trainer_class(trainer_name: str):
+    """nnU-Net's own search of an nnUNet_extTrainer folder (find_objects.recursive_find_trainer_class_by_name does
+    exactly this for each listed folder), here SegmentMBTFE's shim folder. Not the whole lookup: it first imports
+    every module of nnunetv2's trainer package, and primus/ there fails against a CPU build of torch."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    return recursive_find_python_class(str(SHIM_DIR), trainer_name, None, base_folder=str(SHIM_DIR),
+                                       cleanup_imports_from_base_folder=True)
 
 
 def _rewrite_plans_old_style(plans_file: Path) -> None:
@@ -786,6 +791,14 @@ def _worker_predict(request: dict) -> None:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     torch.set_num_threads(request["threads"])  # as predict_entry_point does for -device cpu
+    if request.get("shim_trainers"):
+        # SegmentMBTFE's trainers (the shipped MBTFE-UNet and UNet++ models) without writing them into the installed
+        # nnunetv2: the predictor's lookup would fail on primus/ first (see _shim_trainer_class); nnU-Net's own trainer
+        # classes are still found by its own lookup.
+        import nnunetv2.inference.predict_from_raw_data as predict_module
+        nnunet_lookup = predict_module.recursive_find_trainer_class_by_name
+        predict_module.recursive_find_trainer_class_by_name = \
+            lambda name: nnunet_lookup(name) if name == TRAINER else _shim_trainer_class(name)
     started = time.perf_counter()
     predictor = nnUNetPredictor(tile_step_size=request["step_size"], use_gaussian=True,
                                 use_mirroring=request["tta"], perform_everything_on_device=False,
