@@ -6,6 +6,7 @@ The reference kinds are trained for two iterations, so their predictions are nea
 (trained by nnU-Net's own loop for 6000 iterations) show the same agreement where nnU-Net's prediction is right.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -154,3 +155,30 @@ def test_shipped_trained_models(name, tta, shipped_held_out, nnunet_prediction, 
         assert set(np.unique(reference)) == {0, 1, 2}
         assert 0.67 < share / true_share < 1.5, (share, true_share)
         assert np.mean(list(dice.values())) > TRAINED_DICE, dice
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["no_tta", "tta"])
+def test_3d_lowres_then_cascade(nnunet_model, hippo_test_cases, nnunet_prediction, agreement, tmp_path_factory, tta):
+    """The chain as nnUNetv2_predict runs it: 3d_lowres (nnU-Net's planner chose 1.70 mm), then 3d_cascade_fullres
+    given the lowres label map (--prev_stage_predictions); each side's cascade reads its own lowres output."""
+    lowres, cascade = nnunet_model("hippo3d_lowres"), nnunet_model("hippo3d_cascade")
+    # nnU-Net finds the previous stage's file by the case id, which it takes from an input named <case>_0000
+    image = hippo_test_cases[0][0]
+    case = [tmp_path_factory.mktemp("cascade") / image.name.replace(".nii.gz", "_0000.nii.gz")]
+    shutil.copyfile(image, case[0])
+    first = ours(lowres, case, tta=tta)
+    assert first.settings["folds"] == "all"
+    [first_theirs] = nnunet_prediction(lowres, [case], tta=tta, folds=("all",))
+    check(first, theirs(nnunet_prediction, lowres, case, tta=tta, folds=("all",)), agreement)
+    second = load_model(cascade).predict(read_channels(case), device="cpu", tta=tta, previous_stage=first.labels)
+    check(second, theirs(nnunet_prediction, cascade, case, tta=tta, previous_stage=first_theirs.parent), agreement)
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["no_tta", "tta"])
+def test_two_channels(nnunet_model, hippo_test_cases, nnunet_prediction, agreement, tmp_path_factory, tta):
+    """A model nnU-Net trained on two channels: the image (z-score) and a smoothed copy (rescaled to 0..1)."""
+    import nnunet_reference as ref
+    model_dir = nnunet_model("hippo3d_2channels")
+    image = hippo_test_cases[0][0]
+    case = [image, ref.write_second_channel(image, tmp_path_factory.mktemp("two_channels") / "smoothed.nii.gz")]
+    check(ours(model_dir, case, tta=tta), theirs(nnunet_prediction, model_dir, case, tta=tta), agreement)
