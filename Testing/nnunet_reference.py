@@ -32,6 +32,8 @@ Kinds (all tiny: 4 stages, 8/16/32/64 features; see KINDS, DATASETS and PLANNERS
                             makes it plan a cascade for these small images), patch 16x24x16, fold "all"
     hippo3d_cascade         3d_cascade_fullres of the same plans, trained on hippo3d_lowres's predictions
     hippo3d_2channels       two channels: the MR image (ZScore) and a smoothed copy (RescaleTo01, by channel name)
+    ct_aniso_trained, hippo3d_resenc_trained   ct_aniso and hippo3d_resenc trained for one epoch of hundreds of
+                            iterations instead of two (see PIPELINE_KINDS)
     ct25                    CT, 25 labels (TotalSegmentator's structures grouped), 1.5 mm iso, patch 64^3:
                             the many-label model of benchmarks/bench_big_ct.py (not used by the tests)
     hippo3d_<net>, hippo2d_<net>, ct_aniso_<net>   for <net> in unetpp, segresnetvae, unet3d: the same datasets,
@@ -146,14 +148,15 @@ class Kind:
     change: Optional[str] = None  # "old_plans" or "postprocessing", applied to the copy
     trainer: str = TRAINER  # another is looked up by nnU-Net in SegmentMBTFE's trainer shims (nnUNet_extTrainer)
     previous_stage: Optional[str] = None  # kind trained first, whose predictions a cascade stage trains on
-    train_iterations: Optional[int] = None  # instead of make_model_folder's (short) number
+    train_iterations: Optional[int] = None  # instead of make_model_folder's; trained under root/variants/<kind>/
 
     @property
     def plans_identifier(self) -> str:
         return PLANNERS[self.planner][0]
 
     def results_root(self, root: Path) -> Path:
-        return Path(root) / "variants" / self.name if self.derived_from else Path(root)
+        # a kind whose folder name another kind of its dataset also has (same trainer, plans, configuration)
+        return Path(root) / "variants" / self.name if self.derived_from or self.train_iterations else Path(root)
 
     def model_dir(self, root: Path) -> Path:
         return (self.results_root(root) / "nnUNet_results" / DATASETS[self.dataset].name /
@@ -182,6 +185,10 @@ PIPELINE_KINDS = {k.name: k for k in (
     Kind("hippo3d_lowres", "hippocampus_cascade", configuration="3d_lowres", folds=("all",)),
     Kind("hippo3d_cascade", "hippocampus_cascade", configuration="3d_cascade_fullres", previous_stage="hippo3d_lowres"),
     Kind("hippo3d_2channels", "hippocampus_2ch"),
+    # Trained long enough for nnU-Net's own prediction to mean something (Testing/test_parity.py prints and asserts
+    # how confident it is), within about a minute each on 2 idle cores: multi-class CT and the residual encoder.
+    Kind("ct_aniso_trained", "ct", train_iterations=400),
+    Kind("hippo3d_resenc_trained", "hippocampus", planner="nnUNetPlannerResEncM", train_iterations=400),
 )}
 
 # Kinds trained with SegmentMBTFE's trainers for the other network families (Testing/test_more_networks.py, which
@@ -220,7 +227,7 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
     root. folds: None for the kind's own folds (see KINDS). train_iterations: nnU-Net trains one epoch of
     this many iterations (batch 2), so checkpoints are written by its own training loop and carry real
     logging (numpy scalars, as real checkpoints do); the weights stay essentially random. 0 skips the
-    epoch and saves the freshly initialised network. Fold f is seeded with seed * 1000 + f, so folds
+    epoch and saves the freshly initialised network. A kind's own train_iterations replaces it. Fold f is seeded with seed * 1000 + f, so folds
     differ. A repeated call with the same arguments (and the same version of this file and of nnunetv2)
     returns the existing folder; anything else rebuilds it.
     """
