@@ -4,9 +4,10 @@ Everything that defines "what nnU-Net does" is produced by nnunetv2's own code, 
 folders come from its dataset.json writer, fingerprint extractor, experiment planner, preprocessor and
 trainer (`nnUNetTrainer.run_training` writes the checkpoints; postprocessing.pkl comes from
 `determine_postprocessing`), and reference predictions come from `nnUNetPredictor`. Our interventions are
-the ones a user could make: choosing the training cases, passing `overwrite_target_spacing` to the planner,
-editing the written plans to make the network tiny (patch, width, depth via nnU-Net's own topology rule),
-and training for one short epoch, so that a model folder builds in seconds on 2 CPU cores.
+the ones a user could make: choosing the training cases, passing `overwrite_target_spacing` or a GPU-memory
+target to the planner, editing the written plans to make the network tiny (patch, width, depth via nnU-Net's
+own topology rule), and training for one short epoch (a few hundred iterations for the *_trained kinds), so that
+a model folder builds in seconds on 2 CPU cores.
 
 nnunetv2 reads the nnUNet_raw / nnUNet_preprocessed / nnUNet_results environment variables once, at import
 time, so all nnunetv2 work runs in a subprocess of this same file (`python nnunet_reference.py
@@ -227,9 +228,10 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
     root. folds: None for the kind's own folds (see KINDS). train_iterations: nnU-Net trains one epoch of
     this many iterations (batch 2), so checkpoints are written by its own training loop and carry real
     logging (numpy scalars, as real checkpoints do); the weights stay essentially random. 0 skips the
-    epoch and saves the freshly initialised network. A kind's own train_iterations replaces it. Fold f is seeded with seed * 1000 + f, so folds
-    differ. A repeated call with the same arguments (and the same version of this file and of nnunetv2)
-    returns the existing folder; anything else rebuilds it.
+    epoch and saves the freshly initialised network; a kind's own train_iterations replaces it. Fold f is
+    seeded with seed * 1000 + f (fold "all": seed * 1000), so folds differ. A repeated call with the same
+    arguments (and the same version of this file and of nnunetv2) returns the existing folder; anything else
+    rebuilds it.
     """
     spec = ALL_KINDS[kind]
     root = Path(root).resolve()
@@ -507,7 +509,8 @@ def _worker_make(request: dict) -> None:
     for fold in request["folds"]:
         with _timed(f"train fold {fold}"):
             _train_fold(dataset, request["planner"], request["configuration"], fold,
-                        request["seed"] * 1000 + (0 if fold == "all" else fold), request["train_iterations"], request.get("trainer", TRAINER))
+                        request["seed"] * 1000 + (0 if fold == "all" else fold), request["train_iterations"],
+                        request.get("trainer", TRAINER))
 
 
 def _configurations_to_preprocess(dataset: Dataset, planner: str, configuration: str) -> list:

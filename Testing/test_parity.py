@@ -17,6 +17,7 @@ from SegmentMBTFELib.io.images import read_channels
 from SegmentMBTFELib.models.shipped import shipped_models
 from SegmentMBTFELib.training.finetune import dice_per_label
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FLOOR = 0.9999
 SHIPPED = ("hippocampus_nnunet", "hippocampus_mbtfe", "hippocampus_unetpp")
 SHIPPED_CASES = 2
