@@ -206,7 +206,8 @@ def test_trained_multiclass_ct(nnunet_model, ct_test_cases, nnunet_prediction, a
         share = confident_share(probabilities)
         print(f"ct_aniso_trained {case[0].name}: agreement {score:.6f}, nnU-Net confident (>0.9) on {share:.3f}, "
               f"classes {np.bincount(reference.ravel(), minlength=5) / reference.size}")
-        assert len(np.unique(reference)) >= 3 and share > CT_CONFIDENT
+        # background and at least three of the four classes (it reaches 0, 1, 2 and 4 on both; vessels stay absent)
+        assert len(np.unique(reference)) >= 4 and share > CT_CONFIDENT
 
 
 def test_trained_residual_encoder_unet(nnunet_model, hippo_test_cases, nnunet_prediction, agreement, shared_data):
