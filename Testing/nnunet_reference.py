@@ -4,9 +4,10 @@ Everything that defines "what nnU-Net does" is produced by nnunetv2's own code, 
 folders come from its dataset.json writer, fingerprint extractor, experiment planner, preprocessor and
 trainer (`nnUNetTrainer.run_training` writes the checkpoints; postprocessing.pkl comes from
 `determine_postprocessing`), and reference predictions come from `nnUNetPredictor`. Our interventions are
-the ones a user could make: choosing the training cases, passing `overwrite_target_spacing` to the planner,
-editing the written plans to make the network tiny (patch, width, depth via nnU-Net's own topology rule),
-and training for one short epoch, so that a model folder builds in seconds on 2 CPU cores.
+the ones a user could make: choosing the training cases, passing `overwrite_target_spacing` or a GPU-memory
+target to the planner, editing the written plans to make the network tiny (patch, width, depth via nnU-Net's
+own topology rule), and training for one short epoch (a few hundred iterations for the *_trained kinds), so that
+a model folder builds in seconds on 2 CPU cores.
 
 nnunetv2 reads the nnUNet_raw / nnUNet_preprocessed / nnUNet_results environment variables once, at import
 time, so all nnunetv2 work runs in a subprocess of this same file (`python nnunet_reference.py
@@ -28,6 +29,12 @@ Kinds (all tiny: 4 stages, 8/16/32/64 features; see KINDS, DATASETS and PLANNERS
     hippo3d_oldplans        hippo3d's checkpoint with plans.json in the nnU-Net <= 2.2 format
     hippo3d_postprocessing  hippo3d plus crossval_results_folds_0/postprocessing.{pkl,json} asking for the
                             largest foreground component, then the largest component of labels 1 and 2
+    hippo3d_lowres          3d_lowres at the 1.70 mm nnU-Net's planner chose for a 10 MB GPU-memory target (which
+                            makes it plan a cascade for these small images), patch 16x24x16, fold "all"
+    hippo3d_cascade         3d_cascade_fullres of the same plans, trained on hippo3d_lowres's predictions
+    hippo3d_2channels       two channels: the MR image (ZScore) and a smoothed copy (RescaleTo01, by channel name)
+    ct_aniso_trained, hippo3d_resenc_trained   ct_aniso and hippo3d_resenc trained for one epoch of hundreds of
+                            iterations instead of two (see PIPELINE_KINDS)
     ct25                    CT, 25 labels (TotalSegmentator's structures grouped), 1.5 mm iso, patch 64^3:
                             the many-label model of benchmarks/bench_big_ct.py (not used by the tests)
     hippo3d_<net>, hippo2d_<net>, ct_aniso_<net>   for <net> in unetpp, segresnetvae, unet3d: the same datasets,
@@ -97,6 +104,7 @@ class Dataset:
     patch_sizes: tuple  # ((configuration, patch size in nnU-Net's transposed axis order), ...)
     regions: bool = False
     target_spacing: Optional[tuple] = None  # passed to nnU-Net's planner as overwrite_target_spacing
+    gpu_memory_target: Optional[float] = None  # GB, passed to nnU-Net's planner (small: it plans a 3d_lowres)
 
     @property
     def name(self) -> str:
@@ -110,6 +118,13 @@ DATASETS = {
     "ct": Dataset(903, "CTAniso", "ct", (("3d_fullres", (6, 48, 48)), ("2d", (64, 64))),
                   target_spacing=CT_TARGET_SPACING),
     "ct25": Dataset(904, "CT25Labels", "ct25", (("3d_fullres", (64, 64, 64)),), target_spacing=CT25_SPACING),
+    # 10 MB of (estimated) GPU memory makes nnU-Net's planner shrink the 3d_fullres patch below a quarter of the
+    # median image, so that it adds 3d_lowres (1.70 mm) and 3d_cascade_fullres, as it does for large images.
+    "hippocampus_cascade": Dataset(905, "HippocampusCascade", "hippocampus", (("3d_fullres", (32, 40, 32)),
+                                                                              ("3d_lowres", (16, 24, 16))),
+                                   gpu_memory_target=0.01),
+    # Two channels: the MR image (z-score) and a smoothed copy that nnU-Net rescales to 0..1 (channel name)
+    "hippocampus_2ch": Dataset(906, "HippocampusTwoChannels", "hippocampus_2ch", (("3d_fullres", (32, 40, 32)),)),
 }
 
 # Planner -> (plans identifier it writes, tiny width). Features are per stage (deeper stages keep the last);
@@ -133,13 +148,16 @@ class Kind:
     derived_from: Optional[str] = None
     change: Optional[str] = None  # "old_plans" or "postprocessing", applied to the copy
     trainer: str = TRAINER  # another is looked up by nnU-Net in SegmentMBTFE's trainer shims (nnUNet_extTrainer)
+    previous_stage: Optional[str] = None  # kind trained first, whose predictions a cascade stage trains on
+    train_iterations: Optional[int] = None  # instead of make_model_folder's; trained under root/variants/<kind>/
 
     @property
     def plans_identifier(self) -> str:
         return PLANNERS[self.planner][0]
 
     def results_root(self, root: Path) -> Path:
-        return Path(root) / "variants" / self.name if self.derived_from else Path(root)
+        # a kind whose folder name another kind of its dataset also has (same trainer, plans, configuration)
+        return Path(root) / "variants" / self.name if self.derived_from or self.train_iterations else Path(root)
 
     def model_dir(self, root: Path) -> Path:
         return (self.results_root(root) / "nnUNet_results" / DATASETS[self.dataset].name /
@@ -160,6 +178,20 @@ KINDS = {k.name: k for k in (
 )}
 
 
+# nnU-Net's pipelines beyond one single-channel stage; not in KINDS, whose self-tests predict one single-channel
+# image with each kind (Testing/test_parity.py gives these their inputs). The lowres stage trains on fold "all" because
+# nnU-Net's cascade trains on the previous stage's predictions of its training cases, which nnU-Net writes for the
+# validation cases of each fold it trains (with fold "all": every case).
+PIPELINE_KINDS = {k.name: k for k in (
+    Kind("hippo3d_lowres", "hippocampus_cascade", configuration="3d_lowres", folds=("all",)),
+    Kind("hippo3d_cascade", "hippocampus_cascade", configuration="3d_cascade_fullres", previous_stage="hippo3d_lowres"),
+    Kind("hippo3d_2channels", "hippocampus_2ch"),
+    # Trained long enough for nnU-Net's own prediction to mean something (Testing/test_parity.py prints and asserts
+    # how confident it is), within about a minute each on 2 idle cores: multi-class CT and the residual encoder.
+    Kind("ct_aniso_trained", "ct", train_iterations=400),
+    Kind("hippo3d_resenc_trained", "hippocampus", planner="nnUNetPlannerResEncM", train_iterations=400),
+)}
+
 # Kinds trained with SegmentMBTFE's trainers for the other network families (Testing/test_more_networks.py, which
 # registers the trainers that nnUNetPredictor must find); not in KINDS, whose self-tests use nnU-Net's own trainer.
 NETWORK_TRAINERS = {"unetpp": "nnUNetTrainerUNetPlusPlus", "segresnetvae": "nnUNetTrainerSegResNetVAE",
@@ -176,7 +208,7 @@ SHIM_DIR = ENGINE_DIR / "training" / "nnunet_trainer" / "shim"
 
 # Kinds for benchmarks only (the tests do not build them): the many-label CT of benchmarks/bench_big_ct.py.
 BENCHMARK_KINDS = {k.name: k for k in (Kind("ct25", "ct25"),)}
-ALL_KINDS = {**KINDS, **NETWORK_KINDS, **BENCHMARK_KINDS}
+ALL_KINDS = {**KINDS, **PIPELINE_KINDS, **NETWORK_KINDS, **BENCHMARK_KINDS}
 
 
 class NnunetReferenceError(RuntimeError):
@@ -196,14 +228,16 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
     root. folds: None for the kind's own folds (see KINDS). train_iterations: nnU-Net trains one epoch of
     this many iterations (batch 2), so checkpoints are written by its own training loop and carry real
     logging (numpy scalars, as real checkpoints do); the weights stay essentially random. 0 skips the
-    epoch and saves the freshly initialised network. Fold f is seeded with seed * 1000 + f, so folds
-    differ. A repeated call with the same arguments (and the same version of this file and of nnunetv2)
-    returns the existing folder; anything else rebuilds it.
+    epoch and saves the freshly initialised network; a kind's own train_iterations replaces it. Fold f is
+    seeded with seed * 1000 + f (fold "all": seed * 1000), so folds differ. A repeated call with the same
+    arguments (and the same version of this file and of nnunetv2) returns the existing folder; anything else
+    rebuilds it.
     """
     spec = ALL_KINDS[kind]
     root = Path(root).resolve()
     folds = tuple(spec.folds if folds is None else folds)
     data_dir = str(Path(data_dir or DEFAULT_DATA_DIR).resolve())
+    train_iterations = spec.train_iterations or train_iterations
     request = {"kind": kind, "folds": list(folds), "seed": seed, "train_iterations": train_iterations,
                "data_dir": data_dir, "version": _reference_version()}
     if spec.trainer != TRAINER:
@@ -212,6 +246,9 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
         base_dir = make_model_folder(root, kind=spec.derived_from, seed=seed, train_iterations=train_iterations,
                                      data_dir=data_dir, timeout=timeout)
         request["base_build"] = _read_record(root, spec.derived_from)["build_id"]  # rebuilt base: recopy
+    if spec.previous_stage:
+        make_model_folder(root, kind=spec.previous_stage, seed=seed, data_dir=data_dir, timeout=timeout)
+        request["previous_build"] = _read_record(root, spec.previous_stage)["build_id"]  # retrain on its output
     model_dir = spec.model_dir(root)
     record = _record_file(root, kind)
     if record.is_file() and json.loads(record.read_text())["request"] == request and model_dir.is_dir():
@@ -283,6 +320,7 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
                         checkpoint: str = "checkpoint_final.pth", tta: bool = True, step_size: float = 0.5,
                         save_probabilities: bool = False, configuration: Optional[str] = None,
                         postprocessing: Union[str, Path, None] = None, threads: Optional[int] = None,
+                        shim_trainers: bool = False, previous_stage: Union[str, Path, None] = None,
                         timeout: float = 1200) -> list[Path]:
     """Runs nnUNetPredictor (CPU) on real image files and returns the written label files, in case order.
 
@@ -291,6 +329,10 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
     model_dir: a trained-model folder, or a dataset results folder together with `configuration`.
     With save_probabilities the .npz next to each label file holds nnU-Net's exported `probabilities`.
     postprocessing: a postprocessing.pkl to apply to the label files with nnU-Net's own function, afterwards.
+    shim_trainers: find a trainer other than nnUNetTrainer in SegmentMBTFE's shim folder (SHIM_DIR), as training
+    does, instead of requiring it registered in the installed nnunetv2.
+    previous_stage: for 3d_cascade_fullres, the folder holding the 3d_lowres label files, named as the outputs
+    (nnUNetv2_predict's --prev_stage_predictions).
     threads: torch threads; None does what `nnUNetv2_predict -device cpu` does (all cores; nnU-Net then
     caps the sliding window at $nnUNet_def_n_proc, default 8).
     The model-load and prediction times are written to output_dir/nnunet_timing.json (see read_timing).
@@ -304,7 +346,9 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
                "outputs": [str(output_dir / n) for n in names], "folds": _folds_arg(folds),
                "checkpoint": checkpoint, "tta": tta, "step_size": step_size,
                "save_probabilities": save_probabilities, "threads": threads or os.cpu_count(),
-               "postprocessing": str(Path(postprocessing).resolve()) if postprocessing else None}
+               "postprocessing": str(Path(postprocessing).resolve()) if postprocessing else None,
+               "shim_trainers": shim_trainers,
+               "previous_stage": str(Path(previous_stage).resolve()) if previous_stage else None}
     # The results root only matters for nnunetv2's import-time paths; predicting needs no dataset there.
     _run_worker("predict", request, output_dir / ".nnunet_env", log_dir=output_dir, timeout=timeout)
     labels = [output_dir / f"{n}{ending}" for n in names]
@@ -362,6 +406,14 @@ def dicom_series_to_file(dicom_dir: Union[str, Path], output_file: Union[str, Pa
     if index is not None:
         image = sitk.RegionOfInterest(image, [int(s) for s in size], [int(i) for i in index])
     sitk.WriteImage(image, str(output_file))
+    return Path(output_file)
+
+
+def write_second_channel(image_file: Union[str, Path], output_file: Union[str, Path]) -> Path:
+    """The hippocampus_2ch dataset's second channel: the image smoothed (Gaussian, sigma 1.5 mm), as float32."""
+    import SimpleITK as sitk
+    image = sitk.Cast(sitk.ReadImage(str(image_file)), sitk.sitkFloat32)
+    sitk.WriteImage(sitk.SmoothingRecursiveGaussian(image, 1.5), str(output_file))
     return Path(output_file)
 
 
@@ -452,11 +504,21 @@ def _worker_make(request: dict) -> None:
     dataset = DATASETS[request["dataset"]]
     _ensure_dataset(dataset, Path(request["data_dir"]), request["version"])
     _ensure_plans(dataset, request["planner"])
-    _ensure_preprocessed(dataset, request["planner"], request["configuration"])
+    for configuration in _configurations_to_preprocess(dataset, request["planner"], request["configuration"]):
+        _ensure_preprocessed(dataset, request["planner"], configuration)
     for fold in request["folds"]:
         with _timed(f"train fold {fold}"):
             _train_fold(dataset, request["planner"], request["configuration"], fold,
-                        request["seed"] * 1000 + fold, request["train_iterations"], request.get("trainer", TRAINER))
+                        request["seed"] * 1000 + (0 if fold == "all" else fold), request["train_iterations"],
+                        request.get("trainer", TRAINER))
+
+
+def _configurations_to_preprocess(dataset: Dataset, planner: str, configuration: str) -> list:
+    """The configuration, and the one its validation writes predictions for (3d_lowres: 3d_cascade_fullres)."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = PlansManager(str(Path(nnUNet_preprocessed) / dataset.name / f"{PLANNERS[planner][0]}.json"))
+    return [configuration, *(plans.get_configuration(configuration).next_stage_names or [])]
 
 
 def _worker_postprocessing(request: dict) -> None:
@@ -479,6 +541,8 @@ def _ensure_dataset(dataset: Dataset, data_dir: Path, version: str) -> None:
     with _timed("raw dataset"):
         _write_raw_dataset(dataset, raw, data_dir)
     _extract_fingerprint(dataset)
+    # as nnUNetv2_preprocess does; nnU-Net's validation (run for a cascade's first stage) scores against these
+    shutil.copytree(raw / "labelsTr", preprocessed / "gt_segmentations")
     marker.write_text(json.dumps(identity))
 
 
@@ -490,7 +554,7 @@ def _ensure_plans(dataset: Dataset, planner: str) -> None:
     plans = _plan(dataset, planner)
     patch_sizes = dict(dataset.patch_sizes)
     for name, configuration in plans["configurations"].items():
-        # A 3d_lowres would stay as planned (our small datasets never get one); cascade entries only inherit.
+        # Cascade entries only inherit; a 3d_lowres is made tiny like the others (at the spacing nnU-Net planned).
         if name in patch_sizes:
             _make_configuration_tiny(configuration, patch_sizes[name], **PLANNERS[planner][1])
     _save_plans(dataset, planner, plans)
@@ -526,9 +590,12 @@ def _write_raw_dataset(dataset: Dataset, raw: Path, data_dir: Path) -> None:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
-    if dataset.source == "hippocampus":
-        n = _write_hippocampus_cases(raw, data_dir)
+    channels = None
+    if dataset.source in ("hippocampus", "hippocampus_2ch"):
+        n = _write_hippocampus_cases(raw, data_dir, two_channels=dataset.source == "hippocampus_2ch")
         channel, labels = "MRI", {"background": 0, "anterior": 1, "posterior": 2}
+        if dataset.source == "hippocampus_2ch":
+            channels = {0: "MRI", 1: "rescale_to_0_1"}  # nnU-Net picks the normalisation from the channel name
         if dataset.regions:
             labels = {"background": 0, "hippocampus": [1, 2], "posterior": 2}
     elif dataset.source == "ct25":
@@ -537,17 +604,19 @@ def _write_raw_dataset(dataset: Dataset, raw: Path, data_dir: Path) -> None:
     else:
         n = _write_ct_cases(raw, data_dir)
         channel, labels = "CT", CT_LABELS
-    generate_dataset_json(str(raw), {0: channel}, labels, n, ".nii.gz",
+    generate_dataset_json(str(raw), channels or {0: channel}, labels, n, ".nii.gz",
                           regions_class_order=(1, 2) if dataset.regions else None, dataset_name=dataset.name,
                           description="SegmentMBTFE test reference (nnunet_reference.py)",
                           license="see ../shared/data/README.md", converted_by="Testing/nnunet_reference.py")
 
 
-def _write_hippocampus_cases(raw: Path, data_dir: Path) -> int:
+def _write_hippocampus_cases(raw: Path, data_dir: Path, two_channels: bool = False) -> int:
     source = data_dir / "hippocampus" / "train"
     case_ids = hippocampus_case_ids(data_dir)[:HIPPO_TRAIN_COUNT]
     for case_id in case_ids:
         shutil.copyfile(source / "images" / f"{case_id}.nii.gz", raw / "imagesTr" / f"{case_id}_0000.nii.gz")
+        if two_channels:
+            write_second_channel(source / "images" / f"{case_id}.nii.gz", raw / "imagesTr" / f"{case_id}_0001.nii.gz")
         shutil.copyfile(source / "labels" / f"{case_id}.nii.gz", raw / "labelsTr" / f"{case_id}.nii.gz")
     return len(case_ids)
 
@@ -617,6 +686,7 @@ def _plan(dataset: Dataset, planner: str) -> dict:
                                                 planner, current_module="nnunetv2.experiment_planning")
     with _timed(f"plan {planner}"):
         plans, _ = plan_experiment_dataset(dataset.dataset_id, planner_class,
+                                           gpu_memory_target_in_gb=dataset.gpu_memory_target,
                                            overwrite_target_spacing=dataset.target_spacing)
     return plans
 
@@ -672,21 +742,27 @@ def _train_fold(dataset: Dataset, planner: str, configuration: str, fold: int, s
     plans = load_json(os.path.join(preprocessed, PLANNERS[planner][0] + ".json"))
     plans["continue_training"] = False  # nnunetv2 2.8.1's trainer pops this key; run_training.py sets it
     dataset_json = load_json(os.path.join(preprocessed, "dataset.json"))
-    trainer_class = nnUNetTrainer
-    if trainer_name != TRAINER:
-        # nnU-Net's own search of an nnUNet_extTrainer folder (find_objects.recursive_find_trainer_class_by_name
-        # does exactly this for each listed folder), here SegmentMBTFE's shim folder. Not the whole lookup: it first
-        # imports every module of nnunetv2's trainer package, and primus/ there fails against a CPU build of torch.
-        from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-        trainer_class = recursive_find_python_class(str(SHIM_DIR), trainer_name, None, base_folder=str(SHIM_DIR),
-                                                    cleanup_imports_from_base_folder=True)
+    trainer_class = nnUNetTrainer if trainer_name == TRAINER else _shim_trainer_class(trainer_name)
     trainer = trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 1 if train_iterations > 0 else 0
     trainer.num_iterations_per_epoch = train_iterations
     trainer.num_val_iterations_per_epoch = 1
     trainer.run_training()
+    if trainer.configuration_manager.next_stage_names:
+        # As nnUNetv2_train does after training: nnU-Net's validation writes the predictions of the validation cases
+        # that its next stage (3d_cascade_fullres) trains on, under predicted_next_stage/.
+        trainer.perform_actual_validation(False)
     if train_iterations == 0:  # no epoch ran, so nnU-Net never wrote a "best" checkpoint
         trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
+
+
+def _shim_trainer_class(trainer_name: str):
+    """nnU-Net's own search of an nnUNet_extTrainer folder (find_objects.recursive_find_trainer_class_by_name does
+    exactly this for each listed folder), here SegmentMBTFE's shim folder. Not the whole lookup: it first imports
+    every module of nnunetv2's trainer package, and primus/ there fails against a CPU build of torch."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    return recursive_find_python_class(str(SHIM_DIR), trainer_name, None, base_folder=str(SHIM_DIR),
+                                       cleanup_imports_from_base_folder=True)
 
 
 def _rewrite_plans_old_style(plans_file: Path) -> None:
@@ -786,6 +862,14 @@ def _worker_predict(request: dict) -> None:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     torch.set_num_threads(request["threads"])  # as predict_entry_point does for -device cpu
+    if request.get("shim_trainers"):
+        # SegmentMBTFE's trainers (the shipped MBTFE-UNet and UNet++ models) without writing them into the installed
+        # nnunetv2: the predictor's lookup would fail on primus/ first (see _shim_trainer_class); nnU-Net's own trainer
+        # classes are still found by its own lookup.
+        import nnunetv2.inference.predict_from_raw_data as predict_module
+        nnunet_lookup = predict_module.recursive_find_trainer_class_by_name
+        predict_module.recursive_find_trainer_class_by_name = \
+            lambda name: nnunet_lookup(name) if name == TRAINER else _shim_trainer_class(name)
     started = time.perf_counter()
     predictor = nnUNetPredictor(tile_step_size=request["step_size"], use_gaussian=True,
                                 use_mirroring=request["tta"], perform_everything_on_device=False,
@@ -800,7 +884,8 @@ def _worker_predict(request: dict) -> None:
         # this process (preprocess, sliding window, export): no worker pools to starve on 2 cores.
         started = time.perf_counter()
         predictor.predict_from_files_sequential([case], [output], save_probabilities=request["save_probabilities"],
-                                                overwrite=True)
+                                                overwrite=True,
+                                                folder_with_segs_from_prev_stage=request.get("previous_stage"))
         per_case_s.append(time.perf_counter() - started)
     if request["postprocessing"]:
         _apply_postprocessing(request, predictor)

@@ -37,14 +37,7 @@ NETS = {"unetpp": "UNetPlusPlus", "segresnetvae": "SegResNetVAE", "unet3d": "UNe
 TRAINERS = {name: f"nnUNetTrainer{name}" for name in NETS.values()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as nnU-Net's side of the parity tests runs: on the 2 shared cores of the test machine, two
-    OpenMP threads made the engine's predictions here ten times slower (7 s instead of 0.5 s for a 2D case)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def plan(dim, strides, kernels, features=(8, 16, 32, 64)):
