@@ -41,7 +41,8 @@ def export_zip(root, model_dir, timeout: float = 600) -> Path:
     shutil.copytree(model_dir, work / "nnUNet_results" / dataset / model_dir.name)
     preprocessed = work / "nnUNet_preprocessed" / dataset
     shutil.copytree(root / "nnUNet_preprocessed" / dataset, preprocessed)
-    shutil.copytree(root / "nnUNet_raw" / dataset / "labelsTr", preprocessed / "gt_segmentations")
+    # nnU-Net's own preprocessing may have put it there already (reference kinds that run nnU-Net's validation)
+    shutil.copytree(root / "nnUNet_raw" / dataset / "labelsTr", preprocessed / "gt_segmentations", dirs_exist_ok=True)
     request = {"dataset": dataset, "trainer": trainer, "plans": plans, "configuration": configuration,
                "folds": [f if f == "all" else int(f) for f in folds], "zip": str(target)}
     request_file = work / "request.json"
