@@ -134,14 +134,25 @@ def test_installing_keeps_the_installed_torch(tmp_path):
     assert not installs & {"torch", "nvidia-cudnn-cu12", "nvidia-cublas-cu12"}, installs
 
 
+def copy_the_checkout(destination):
+    """The files git would commit, nothing it ignores: the environments beside the sources (.venv, .venv-slicer)
+    are gigabytes, and copying them once filled CI's disk."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if name.split("/")[0] in {"Testing", "benchmarks", "demo"} or not (REPO / name).is_file():
+            continue
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, destination / name)
+
+
 def test_the_installed_wheel_predicts_with_its_shipped_default_model(tmp_path, hippo_test_cases, agreement):
     """`pip install` of the built wheel (not editable) into a fresh venv, then `segment-mbtfe predict` without -m
     from a folder outside the repository: the default model comes from inside the installed package. The venv sees
     this environment's torch, numpy, scipy and SimpleITK through a .pth line (nothing downloaded); the engine
     only from the wheel (PYTHONPATH, which points the tests at the checkout, is dropped)."""
     source = tmp_path / "source"  # a copy: setuptools builds in the tree it is given, and an old build/ could leak in
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                                                "Testing", "benchmarks", "demo"))
+    copy_the_checkout(source)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
                    check=True, timeout=600)
