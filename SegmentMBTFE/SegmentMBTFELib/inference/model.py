@@ -20,9 +20,10 @@ import torch
 from .. import __version__
 from ..errors import InputError, ModelError, OutOfMemory
 from ..io.images import geometry_difference
-from ..models.checkpoint import load_checkpoint, load_weights
+from ..models.checkpoint import load_checkpoint, load_weights, weights_mismatch
 from ..models.folder import ModelFolder, checkpoint_filename
-from ..networks import build_network, architecture_for_trainer, inference_weights
+from ..networks import build_network, architecture_for_trainer, inference_weights, knows_trainer
+from ..nnunet_trainers import unknown_trainer_message
 from ..progress import Progress
 from ..tensors import to_tensor
 from ..volume import Volume
@@ -146,7 +147,8 @@ class Model:
         if self.configuration.previous_stage:
             n_in += len(self.labels.foreground_labels)
         # the checkpoint can name its own network options (MBTFE-UNet's norm, gate, EAB on/off)
-        architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture, checkpoint)
+        architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture, checkpoint,
+                                                self.configuration.patch_size)
         source = self.folder.checkpoint_path(self.folds[0], self.checkpoint_name)
         self._check_outputs(source)
         refuse_unless_it_fits(network_bytes(architecture, n_in, self.labels.num_heads),
@@ -157,6 +159,7 @@ class Model:
         # fine-tuning carries them unchanged into the version, so it loads wherever the original does
         full, self.weights = self.weights, [inference_weights(network, w) for w in self.weights]
         self.training_only_weights = [{k: v for k, v in f.items() if k not in w} for f, w in zip(full, self.weights)]
+        self._refuse_unknown_network(network)
         try:
             load_weights(network, self.weights[0], source)
         except ModelError as error:
@@ -164,6 +167,13 @@ class Model:
         for fold, weights in zip(self.folds[1:], self.weights[1:]):
             load_weights(network, weights, self.folder.checkpoint_path(fold, self.checkpoint_name))
         return network.eval()
+
+    def _refuse_unknown_network(self, network: torch.nn.Module) -> None:
+        """A trainer the engine does not know, whose weights do not fit the plans' network, built a network of its
+        own: say so by its name before loading anything (a known trainer's misfit is a damaged or wrong file)."""
+        problem = weights_mismatch(network, self.weights[0])
+        if problem and not knows_trainer(self.trainer_name):
+            raise ModelError(unknown_trainer_message(self.trainer_name, self.folder.path.name, problem))
 
     def _check_outputs(self, source):
         """The weights' output layer must have one channel per label (or region) dataset.json lists: a
