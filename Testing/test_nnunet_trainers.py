@@ -217,6 +217,19 @@ def test_made_up_trainer_with_its_own_network_is_refused_by_name(nnunet_model, t
     assert type(load_model(same).network).__name__ == "PlainConvUNet"
 
 
+def test_primus_with_another_models_dataset_json_is_refused(nnunet_model, tmp_path):
+    """The output count of Primus' last transposed convolution is checked against dataset.json's labels, as the
+    U-Nets' heads are: a dataset.json from another model would name the segments wrongly."""
+    folder = nnunet_model("hippo3d_primus_s")
+    copy_dir = tmp_path / folder.parent.name / folder.name
+    shutil.copytree(folder, copy_dir, ignore=shutil.ignore_patterns("validation", "*.pdf", "*.png"))
+    dataset = json.loads((copy_dir / "dataset.json").read_text())
+    dataset["labels"]["tail"] = 3
+    (copy_dir / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(ModelError, match="lists 4 labels .* predict 3"):
+        load_model(copy_dir)
+
+
 # ------------------------------------------------------------------------------------------------ info, fine-tuning
 
 def test_models_info_names_the_family_and_trainer(nnunet_model, capsys):

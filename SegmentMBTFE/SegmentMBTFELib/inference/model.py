@@ -179,10 +179,12 @@ class Model:
         """The weights' output layer must have one channel per label (or region) dataset.json lists: a
         dataset.json copied from another model would otherwise name the segments wrongly."""
         heads = [k for k in self.weights[0] if ".seg_layers." in k and k.endswith(".weight")]
-        if not heads:
+        primus = [k for k in self.weights[0] if k.startswith("up_projection.decode.") and k.endswith(".weight")
+                  and self.weights[0][k].dim() == 5]  # Primus: its last transposed convolution (in, out, ...)
+        if not heads and not primus:
             return
-        last = max(heads, key=lambda k: [int(p) if p.isdigit() else -1 for p in k.split(".")])
-        outputs = int(self.weights[0][last].shape[0])
+        last = max(heads or primus, key=lambda k: [int(p) if p.isdigit() else -1 for p in k.split(".")])
+        outputs = int(self.weights[0][last].shape[0 if heads else 1])
         if outputs != self.labels.num_heads:
             what = "regions" if self.labels.has_regions else "labels (background included)"
             raise ModelError(f"dataset.json lists {self.labels.num_heads} {what}, but the weights in {source} "
