@@ -42,6 +42,10 @@ Kinds (all tiny: 4 stages, 8/16/32/64 features; see KINDS, DATASETS and PLANNERS
                             (nnUNetTrainerUNetPlusPlus, nnUNetTrainerSegResNetVAE, nnUNetTrainerUNet3D), found by
                             nnU-Net's lookup through nnUNet_extTrainer; hippo3d_<net> has folds 0 and 1. Rebuilt
                             when the engine's network or trainer code changes.
+    hippo3d_primus_s, hippo3d_primusv3_s, hippo3d_bn, hippo3d_nodeepsupervision, hippo3d_nomirroring,
+    hippo3d_4000epochs_nomirroring   hippo3d's dataset and plans trained by nnU-Net's own trainers of those names
+                            (NNUNET_TRAINER_KINDS; Primus 6 and 4 iterations, the others 2), found by nnU-Net's own
+                            lookup; Primus needs torchvision importable (_torchvision_without_compiled_ops)
 """
 from __future__ import annotations
 
@@ -814,7 +818,7 @@ _DECLARED = []
 def _shim_trainer_class(trainer_name: str):
     """nnU-Net's own search of an nnUNet_extTrainer folder (find_objects.recursive_find_trainer_class_by_name does
     exactly this for each listed folder), here SegmentMBTFE's shim folder. Not the whole lookup: it first imports
-    every module of nnunetv2's trainer package, and primus/ there fails against a CPU build of torch."""
+    every module of nnunetv2's trainer package (primus/ there imports only with _torchvision_without_compiled_ops)."""
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     return recursive_find_python_class(str(SHIM_DIR), trainer_name, None, base_folder=str(SHIM_DIR),
                                        cleanup_imports_from_base_folder=True)
