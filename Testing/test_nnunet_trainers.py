@@ -217,6 +217,16 @@ def test_made_up_trainer_with_its_own_network_is_refused_by_name(nnunet_model, t
     assert type(load_model(same).network).__name__ == "PlainConvUNet"
 
 
+def test_primus_found_by_the_checkpoints_trainer_name(nnunet_model, tmp_path):
+    """A Primus folder renamed by its user (no `Trainer__Plans__configuration` name) is still built as Primus: the
+    checkpoint's trainer_name says which network it holds."""
+    folder = nnunet_model("hippo3d_primus_s")
+    renamed = tmp_path / "my_primus_model"
+    shutil.copytree(folder, renamed, ignore=shutil.ignore_patterns("validation", "*.pdf", "*.png"))
+    model = load_model(renamed)
+    assert type(model.network).__name__ == "Primus" and model.trainer_name == "nnUNet_Primus_S_Trainer"
+
+
 def test_primus_with_another_models_dataset_json_is_refused(nnunet_model, tmp_path):
     """The output count of Primus' last transposed convolution is checked against dataset.json's labels, as the
     U-Nets' heads are: a dataset.json from another model would name the segments wrongly."""
