@@ -42,6 +42,10 @@ Kinds (all tiny: 4 stages, 8/16/32/64 features; see KINDS, DATASETS and PLANNERS
                             (nnUNetTrainerUNetPlusPlus, nnUNetTrainerSegResNetVAE, nnUNetTrainerUNet3D), found by
                             nnU-Net's lookup through nnUNet_extTrainer; hippo3d_<net> has folds 0 and 1. Rebuilt
                             when the engine's network or trainer code changes.
+    hippo3d_primus_s, hippo3d_primusv3_s, hippo3d_bn, hippo3d_nodeepsupervision, hippo3d_nomirroring,
+    hippo3d_4000epochs_nomirroring   hippo3d's dataset and plans trained by nnU-Net's own trainers of those names
+                            (NNUNET_TRAINER_KINDS; Primus 6 and 4 iterations, the others 2), found by nnU-Net's own
+                            lookup; Primus needs torchvision importable (_torchvision_without_compiled_ops)
 """
 from __future__ import annotations
 
@@ -201,6 +205,18 @@ NETWORK_KINDS = {k.name: k for net, trainer in NETWORK_TRAINERS.items() for k in
     Kind(f"hippo2d_{net}", "hippocampus", configuration="2d", trainer=trainer),
     Kind(f"ct_aniso_{net}", "ct", trainer=trainer),
 )}
+# nnU-Net 2.8's own trainers that build another network or change inference (Testing/test_nnunet_trainers.py): trained
+# by nnU-Net's loop as they ship, found by nnU-Net's own trainer lookup. Primus trains a few iterations (its warm-up
+# starts AdamW at 1/50 of its rate, so they barely move it; V3's full-resolution residual stem costs ~4 s each here):
+# its predictions still hold every label, in proportions the test prints.
+NNUNET_TRAINER_KINDS = {k.name: k for k in (
+    Kind("hippo3d_primus_s", "hippocampus", trainer="nnUNet_Primus_S_Trainer", train_iterations=6),
+    Kind("hippo3d_primusv3_s", "hippocampus", trainer="nnUNet_PrimusV3S_Trainer", train_iterations=4),
+    Kind("hippo3d_bn", "hippocampus", trainer="nnUNetTrainerBN"),
+    Kind("hippo3d_nodeepsupervision", "hippocampus", trainer="nnUNetTrainerNoDeepSupervision"),
+    Kind("hippo3d_nomirroring", "hippocampus", trainer="nnUNetTrainerNoMirroring"),
+    Kind("hippo3d_4000epochs_nomirroring", "hippocampus", trainer="nnUNetTrainer_4000epochs_NoMirroring"),
+)}
 # SegmentMBTFE's trainer shims, the folder nnU-Net searches through nnUNet_extTrainer, and the code they train
 ENGINE_DIR = Path(__file__).resolve().parents[1] / "SegmentMBTFE" / "SegmentMBTFELib"
 SHIM_DIR = ENGINE_DIR / "training" / "nnunet_trainer" / "shim"
@@ -208,7 +224,7 @@ SHIM_DIR = ENGINE_DIR / "training" / "nnunet_trainer" / "shim"
 
 # Kinds for benchmarks only (the tests do not build them): the many-label CT of benchmarks/bench_big_ct.py.
 BENCHMARK_KINDS = {k.name: k for k in (Kind("ct25", "ct25"),)}
-ALL_KINDS = {**KINDS, **PIPELINE_KINDS, **NETWORK_KINDS, **BENCHMARK_KINDS}
+ALL_KINDS = {**KINDS, **PIPELINE_KINDS, **NETWORK_KINDS, **NNUNET_TRAINER_KINDS, **BENCHMARK_KINDS}
 
 
 class NnunetReferenceError(RuntimeError):
@@ -240,7 +256,7 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
     train_iterations = spec.train_iterations or train_iterations
     request = {"kind": kind, "folds": list(folds), "seed": seed, "train_iterations": train_iterations,
                "data_dir": data_dir, "version": _reference_version()}
-    if spec.trainer != TRAINER:
+    if spec.trainer != TRAINER and spec.name not in NNUNET_TRAINER_KINDS:
         request["trainer_source"] = _trainer_source_hash()
     if spec.derived_from:
         base_dir = make_model_folder(root, kind=spec.derived_from, seed=seed, train_iterations=train_iterations,
@@ -321,7 +337,7 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
                         save_probabilities: bool = False, configuration: Optional[str] = None,
                         postprocessing: Union[str, Path, None] = None, threads: Optional[int] = None,
                         shim_trainers: bool = False, previous_stage: Union[str, Path, None] = None,
-                        timeout: float = 1200) -> list[Path]:
+                        also_without_tta: bool = False, timeout: float = 1200) -> list[Path]:
     """Runs nnUNetPredictor (CPU) on real image files and returns the written label files, in case order.
 
     cases: one list of per-channel image files per case (NIfTI, NRRD, MHA; DICOM must be converted first,
@@ -335,11 +351,15 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
     (nnUNetv2_predict's --prev_stage_predictions).
     threads: torch threads; None does what `nnUNetv2_predict -device cpu` does (all cores; nnU-Net then
     caps the sliding window at $nnUNet_def_n_proc, default 8).
+    also_without_tta: the same predictor then predicts again without mirroring (one process, one model load), into
+    output_dir/no_tta/; those label files follow the others in the returned list.
     The model-load and prediction times are written to output_dir/nnunet_timing.json (see read_timing).
     """
     model_dir = _resolve_model_dir(Path(model_dir), configuration)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    if also_without_tta:
+        (output_dir / "no_tta").mkdir(exist_ok=True)
     names = _unique_case_names(cases)
     ending = json.loads((model_dir / "dataset.json").read_text())["file_ending"]
     request = {"model_dir": str(model_dir), "cases": [[str(Path(f).resolve()) for f in c] for c in cases],
@@ -348,10 +368,13 @@ def predict_with_nnunet(model_dir: Union[str, Path], cases: Sequence[Sequence[Un
                "save_probabilities": save_probabilities, "threads": threads or os.cpu_count(),
                "postprocessing": str(Path(postprocessing).resolve()) if postprocessing else None,
                "shim_trainers": shim_trainers,
-               "previous_stage": str(Path(previous_stage).resolve()) if previous_stage else None}
+               "previous_stage": str(Path(previous_stage).resolve()) if previous_stage else None,
+               "outputs_without_tta": [str(output_dir / "no_tta" / n) for n in names] if also_without_tta else None}
     # The results root only matters for nnunetv2's import-time paths; predicting needs no dataset there.
     _run_worker("predict", request, output_dir / ".nnunet_env", log_dir=output_dir, timeout=timeout)
     labels = [output_dir / f"{n}{ending}" for n in names]
+    if also_without_tta:
+        labels += [output_dir / "no_tta" / f"{n}{ending}" for n in names]
     if save_probabilities:
         return labels + [output_dir / f"{n}.npz" for n in names]
     return labels
@@ -742,7 +765,8 @@ def _train_fold(dataset: Dataset, planner: str, configuration: str, fold: int, s
     plans = load_json(os.path.join(preprocessed, PLANNERS[planner][0] + ".json"))
     plans["continue_training"] = False  # nnunetv2 2.8.1's trainer pops this key; run_training.py sets it
     dataset_json = load_json(os.path.join(preprocessed, "dataset.json"))
-    trainer_class = nnUNetTrainer if trainer_name == TRAINER else _shim_trainer_class(trainer_name)
+    trainer_class = nnUNetTrainer if trainer_name == TRAINER else _nnunet_trainer_class(trainer_name) \
+        if trainer_name in {k.trainer for k in NNUNET_TRAINER_KINDS.values()} else _shim_trainer_class(trainer_name)
     trainer = trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = 1 if train_iterations > 0 else 0
     trainer.num_iterations_per_epoch = train_iterations
@@ -756,10 +780,45 @@ def _train_fold(dataset: Dataset, planner: str, configuration: str, fold: int, s
         trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))
 
 
+def _nnunet_trainer_class(trainer_name: str):
+    """One of nnU-Net's own trainers, found by nnU-Net's own lookup (nnUNetv2_train's)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    return recursive_find_trainer_class_by_name(trainer_name)
+
+
+def _torchvision_without_compiled_ops() -> None:
+    """Lets torchvision's Python code import when its compiled ops cannot load: nnU-Net's Primus imports timm, which
+    imports torchvision (for FrozenBatchNorm2d and feature extraction), and PyPI's torchvision is built against the
+    CUDA torch, so against the CPU torch its _C library fails to load (libc10_cuda.so) and its import then stops at
+    registering fake kernels of the missing `torchvision::nms`/`qnms` ops. Declaring those two schemas (no
+    kernels) is all it needs: torchvision reports its ops missing (`_has_ops()` False), and nothing nnU-Net's
+    networks run calls them (a call would fail loudly, never give numbers). Nothing is declared when the real
+    library loads (a torchvision matching this torch)."""
+    import importlib.util
+    import torch
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    library = next(Path(spec.submodule_search_locations[0]).glob("_C*.so"), None)
+    try:
+        if library is not None:
+            torch.ops.load_library(str(library))
+            return
+    except (OSError, RuntimeError):
+        pass
+    declared = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        declared.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _DECLARED.append(declared)  # the declarations live as long as the library object
+
+
+_DECLARED = []
+
+
 def _shim_trainer_class(trainer_name: str):
     """nnU-Net's own search of an nnUNet_extTrainer folder (find_objects.recursive_find_trainer_class_by_name does
     exactly this for each listed folder), here SegmentMBTFE's shim folder. Not the whole lookup: it first imports
-    every module of nnunetv2's trainer package, and primus/ there fails against a CPU build of torch."""
+    every module of nnunetv2's trainer package (primus/ there imports only with _torchvision_without_compiled_ops)."""
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     return recursive_find_python_class(str(SHIM_DIR), trainer_name, None, base_folder=str(SHIM_DIR),
                                        cleanup_imports_from_base_folder=True)
@@ -887,6 +946,11 @@ def _worker_predict(request: dict) -> None:
                                                 overwrite=True,
                                                 folder_with_segs_from_prev_stage=request.get("previous_stage"))
         per_case_s.append(time.perf_counter() - started)
+    if request.get("outputs_without_tta"):
+        predictor.use_mirroring = False  # read by nnU-Net's sliding window at every tile
+        for case, output in zip(request["cases"], request["outputs_without_tta"]):
+            predictor.predict_from_files_sequential([case], [output], save_probabilities=request["save_probabilities"],
+                                                    overwrite=True)
     if request["postprocessing"]:
         _apply_postprocessing(request, predictor)
     timing = {"load_s": load_s, "per_case_s": per_case_s, "predict_s": sum(per_case_s),
@@ -938,5 +1002,6 @@ def _apply_postprocessing(request: dict, predictor) -> None:
 
 if __name__ == "__main__":
     command, request_path = sys.argv[1], sys.argv[2]
+    _torchvision_without_compiled_ops()  # before nnunetv2 imports timm (Primus)
     {"make": _worker_make, "postprocessing": _worker_postprocessing, "predict": _worker_predict,
      "resampling": _worker_resampling}[command](json.loads(Path(request_path).read_text()))

@@ -78,6 +78,15 @@ def test_mbtfe_unet_trained_by_nnunet(mbtfe_model, hippo_test_cases, nnunet_pred
     check(mbtfe_model, case, labels, agreement)
 
 
+def test_primus_trained_by_nnunet(nnunet_model, hippo_test_cases, nnunet_prediction, agreement):
+    """Primus V3-S (a transformer: attention, LayerNorms, rotary embedding, behind V3's residual embedding) converts,
+    and agrees with torch and with nnU-Net (the request test_nnunet_trainers.py makes; its no-TTA output)."""
+    import SimpleITK as sitk
+    folder, case = nnunet_model("hippo3d_primusv3_s"), hippo_test_cases[-1]
+    without_tta = nnunet_prediction(folder, [case], tta=True, also_without_tta=True)[1]
+    check(folder, case, sitk.GetArrayFromImage(sitk.ReadImage(str(without_tta))), agreement, tta=False)
+
+
 def test_shipped_mbtfe_model_same_labels_and_logits_close(hippo_test_cases, agreement):
     """The shipped MBTFE-UNet holds real trained weights (the tiny models' are nearly random, so their classes
     are close everywhere): labels equal and probabilities within what float32 summation order explains."""

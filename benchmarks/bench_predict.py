@@ -10,6 +10,7 @@ matrix product's GFLOP/s).
     .venv/bin/python benchmarks/bench_predict.py                # all cases, 3 repeats
     .venv/bin/python benchmarks/bench_predict.py --cases hippo_tta --repeats 5
     .venv/bin/python benchmarks/bench_predict.py --backend openvino   # ours with OpenVINO (default: torch)
+    .venv/bin/python benchmarks/bench_predict.py --cases primus_s_tta,primus_v3s_tta   # Primus (README, Speed)
 
 With OpenVINO (--backend auto when it is installed, or openvino) the first run of each model converts the
 network and caches it (backends.py); that run is made before the timed ones and its time printed apart.
@@ -35,7 +36,11 @@ CASES = {
     "hippo_2folds": ("hippo3d_2folds", "hippocampus", True, "2-fold ensemble with TTA"),
     "ct_export": ("ct_aniso", "ct", False, "5-class anisotropic CT, separate-z resampling, export-heavy"),
     "ct_tta": ("ct_aniso", "ct", True, "5-class anisotropic CT with TTA"),
+    "primus_s_tta": ("hippo3d_primus_s", "hippocampus", True, "Primus-S (nnUNet_Primus_S_Trainer), TTA"),
+    "primus_v3s_tta": ("hippo3d_primusv3_s", "hippocampus", True, "Primus V3-S (nnUNet_PrimusV3S_Trainer), TTA"),
 }
+# flops.py counts convolutions: the Primus cases' transformer would be left out of their FLOPs
+CONVOLUTIONAL = [name for name in CASES if not name.startswith("primus")]
 
 
 def main():
@@ -52,7 +57,7 @@ def main():
     import flops
     peak = flops.peak_gflops()
     print(f"\nthe networks against this CPU's peak ({peak:.0f} GFLOP/s, float32 matrix product):")
-    for kind in dict.fromkeys(CASES[name][0] for name in args.cases.split(",")):
+    for kind in dict.fromkeys(CASES[name][0] for name in args.cases.split(",") if name in CONVOLUTIONAL):
         for backend in dict.fromkeys(["torch", *{r["backend"] for r in rows if r["backend"] != "torch"}]):
             print(flops.line(flops.report(ref.make_model_folder(work / "models", kind=kind), peak, backend)))
 
@@ -71,10 +76,11 @@ def image_for(source: str, work: Path) -> Path:
 def run_case(name: str, work: Path, repeats: int, backend: str = "auto") -> dict:
     kind, source, tta, what = CASES[name]
     model = ref.make_model_folder(work / "models", kind=kind)
-    folds = list(ref.KINDS[kind].folds)
+    folds = list(ref.ALL_KINDS[kind].folds)
     image = image_for(source, work)
     out = work / "outputs" / name
-    ours_cmd = [str(REPO / ".venv" / "bin" / "segment-mbtfe"), "predict", "-m", str(model), "-i", str(image),
+    # `segment-mbtfe` of this Python (python -m runs the same entry point; the engine this Python imports)
+    ours_cmd = [sys.executable, "-m", "SegmentMBTFELib", "predict", "-m", str(model), "-i", str(image),
                 "-o", str(out / "ours.nii.gz"), "--device", "cpu", "-q", "--folds", *map(str, folds),
                 "--backend", backend]
     if not tta:

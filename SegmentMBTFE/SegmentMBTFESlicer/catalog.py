@@ -32,6 +32,8 @@ class ModelInfo:
     shipped: bool = False
     problem: str = ""
     listed_as: str = ""      # its name in `segment-mbtfe models list` (what -m takes)
+    network: str = ""        # its family: "PlainConvUNet", "ResidualEncoderUNet", "UNet++", "Primus V3-S", ...
+    trainer: str = ""        # the nnU-Net trainer that trained it
 
     @property
     def modality(self) -> str:
@@ -41,8 +43,9 @@ class ModelInfo:
         """One short paragraph for the panel."""
         if self.problem:
             return self.problem
+        network = f" Network: {self.network} (trainer {self.trainer or 'unknown'})." if self.network else ""
         return (f"Modality: {self.modality}. Channels: {', '.join(self.channels)}. "
-                f"Labels: {', '.join(self.labels)}. Folds: {', '.join(self.folds) or 'none'}.")
+                f"Labels: {', '.join(self.labels)}. Folds: {', '.join(self.folds) or 'none'}.{network}")
 
 
 def available_models(settings=None) -> List[ModelInfo]:
@@ -69,7 +72,7 @@ def entries(model) -> List[ModelInfo]:
         return [ModelInfo(str(model.path), model.name, shipped=shipped, problem=model.problem, listed_as=model.name)]
     single = len(model.configurations) == 1
     return [ModelInfo(str(model.path if single else c.path), c.title, model.channels, model.labels, c.folds, shipped,
-                      listed_as=model.name) for c in model.configurations]
+                      listed_as=model.name, network=c.network, trainer=c.trainer) for c in model.configurations]
 
 
 def describe(path) -> ModelInfo:

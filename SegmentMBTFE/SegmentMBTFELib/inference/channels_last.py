@@ -15,7 +15,9 @@ convolution is one) straight into that order: the sliding window adds each tile 
 tiles, which took 2.7x longer from a channels-last tile, and a separate reordering copy cost as much as it saved.
 
 Per tile against NCDHW (README, *The OpenVINO backend*): nnU-Net's U-Nets, UNet++ and the 3D U-Net 1.2-1.7x,
-MBTFE-UNet and SegResNetVAE about 1.0x (as exact; left channels-last for one code path).
+MBTFE-UNet and SegResNetVAE about 1.0x (as exact; left channels-last for one code path). A network whose class says
+`channels_last_helps = False` runs as it is: Primus, a transformer whose convolutions are its patch embedding and
+decoder (V1 the same speed either way, V3 14% slower channels-last, and NCDHW is nnU-Net's very order).
 
 Only for inference on the CPU: the network's parameters are made channels-last and its norms and output
 layer are given the classes below for the duration of a `with channels_last(network, device, outputs):`
@@ -118,7 +120,7 @@ def channels_last(network: nn.Module, device: torch.device, outputs: int):
     """Within the block, `network` (a torch module) runs channels-last when `device` is the CPU; else as it is.
     `outputs`: the number of logits the network gives per voxel (its pointwise convolutions with as many output
     channels are its output layers)."""
-    if device.type != "cpu" or not isinstance(network, nn.Module):
+    if device.type != "cpu" or not isinstance(network, nn.Module) or not getattr(network, "channels_last_helps", True):
         yield network
         return
     # The class is swapped in place rather than the module replaced: nnU-Net's blocks hold the same norm

@@ -20,9 +20,10 @@ import torch
 from .. import __version__
 from ..errors import InputError, ModelError, OutOfMemory
 from ..io.images import geometry_difference
-from ..models.checkpoint import load_checkpoint, load_weights
+from ..models.checkpoint import load_checkpoint, load_weights, weights_mismatch
 from ..models.folder import ModelFolder, checkpoint_filename
-from ..networks import build_network, architecture_for_trainer, inference_weights
+from ..networks import build_network, architecture_for_trainer, inference_weights, knows_trainer
+from ..nnunet_trainers import unknown_trainer_message
 from ..progress import Progress
 from ..tensors import to_tensor
 from ..volume import Volume
@@ -146,7 +147,8 @@ class Model:
         if self.configuration.previous_stage:
             n_in += len(self.labels.foreground_labels)
         # the checkpoint can name its own network options (MBTFE-UNet's norm, gate, EAB on/off)
-        architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture, checkpoint)
+        architecture = architecture_for_trainer(self.trainer_name, self.configuration.architecture, checkpoint,
+                                                self.configuration.patch_size)
         source = self.folder.checkpoint_path(self.folds[0], self.checkpoint_name)
         self._check_outputs(source)
         refuse_unless_it_fits(network_bytes(architecture, n_in, self.labels.num_heads),
@@ -157,6 +159,7 @@ class Model:
         # fine-tuning carries them unchanged into the version, so it loads wherever the original does
         full, self.weights = self.weights, [inference_weights(network, w) for w in self.weights]
         self.training_only_weights = [{k: v for k, v in f.items() if k not in w} for f, w in zip(full, self.weights)]
+        self._refuse_unknown_network(network)
         try:
             load_weights(network, self.weights[0], source)
         except ModelError as error:
@@ -165,14 +168,23 @@ class Model:
             load_weights(network, weights, self.folder.checkpoint_path(fold, self.checkpoint_name))
         return network.eval()
 
+    def _refuse_unknown_network(self, network: torch.nn.Module) -> None:
+        """A trainer the engine does not know, whose weights do not fit the plans' network, built a network of its
+        own: say so by its name before loading anything (a known trainer's misfit is a damaged or wrong file)."""
+        problem = weights_mismatch(network, self.weights[0])
+        if problem and not knows_trainer(self.trainer_name):
+            raise ModelError(unknown_trainer_message(self.trainer_name, self.folder.path.name, problem))
+
     def _check_outputs(self, source):
         """The weights' output layer must have one channel per label (or region) dataset.json lists: a
         dataset.json copied from another model would otherwise name the segments wrongly."""
         heads = [k for k in self.weights[0] if ".seg_layers." in k and k.endswith(".weight")]
-        if not heads:
+        primus = [k for k in self.weights[0] if k.startswith("up_projection.decode.") and k.endswith(".weight")
+                  and self.weights[0][k].dim() == 5]  # Primus: its last transposed convolution (in, out, ...)
+        if not heads and not primus:
             return
-        last = max(heads, key=lambda k: [int(p) if p.isdigit() else -1 for p in k.split(".")])
-        outputs = int(self.weights[0][last].shape[0])
+        last = max(heads or primus, key=lambda k: [int(p) if p.isdigit() else -1 for p in k.split(".")])
+        outputs = int(self.weights[0][last].shape[0 if heads else 1])
         if outputs != self.labels.num_heads:
             what = "regions" if self.labels.has_regions else "labels (background included)"
             raise ModelError(f"dataset.json lists {self.labels.num_heads} {what}, but the weights in {source} "

@@ -154,8 +154,9 @@ def _offending_global(error):
     return None
 
 
-def load_weights(network: torch.nn.Module, weights: dict, source) -> None:
-    """Load weights strictly; a mismatch names the missing and unexpected keys (the usual sign of a wrong trainer)."""
+def weights_mismatch(network: torch.nn.Module, weights: dict) -> str:
+    """How `weights` do not fit `network` (missing and unexpected keys, or the first wrong shape); '' when they fit.
+    Reads names and shapes only, so a model can be refused before any weight is loaded."""
     expected = network.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -164,12 +165,20 @@ def load_weights(network: torch.nn.Module, weights: dict, source) -> None:
             return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
         parts = ([f"missing {len(missing)} keys: {few(missing)}"] if missing else []) + \
                 ([f"unexpected {len(unexpected)} keys: {few(unexpected)}"] if unexpected else [])
-        raise ModelError(f"The weights in {source} do not fit the network its plans describe: " + "; ".join(parts))
+        return "; ".join(parts)
     wrong = [k for k, v in weights.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
-        raise ModelError(f"The weights in {source} do not fit the network its plans describe: {k} has shape "
-                         f"{tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}.")
+        return f"{k} has shape {tuple(weights[k].shape)}, expected {tuple(expected[k].shape)}"
+    return ""
+
+
+def load_weights(network: torch.nn.Module, weights: dict, source) -> None:
+    """Load weights strictly; a mismatch names the missing and unexpected keys (the usual sign of a wrong trainer)."""
+    problem = weights_mismatch(network, weights)
+    if problem:
+        end = "." if "has shape" in problem else ""
+        raise ModelError(f"The weights in {source} do not fit the network its plans describe: {problem}{end}")
     _refuse_non_finite(weights, source)
     network.load_state_dict(weights)
 

@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import ModelError
+from ..nnunet_trainers import primus_title
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 # networks named in a model's name (nnU-Net's own are not): class name in the plans -> what people call it
 NAMED_NETWORKS = {"MBTFEUNet": "MBTFE-UNet", "UNetPlusPlus": "UNet++", "SegResNetVAE": "SegResNetVAE",
                   "UNet3D": "3D U-Net"}
+
+
+def network_title(architecture: dict, trainer_name: Optional[str]) -> str:
+    """The network's family as people call it: the Primus its trainer builds ("Primus V3-S"), a named network
+    ("UNet++"), or the plans' class name ("PlainConvUNet", "ResidualEncoderUNet")."""
+    network = str((architecture or {}).get("network_class_name", "")).rsplit(".", 1)[-1]
+    return primus_title(trainer_name) or NAMED_NETWORKS.get(network, network)
 
 
 def read_json(path: Path) -> dict:
@@ -259,8 +267,8 @@ class ModelFolder:
     def name(self) -> str:
         """'Dataset004_Hippocampus (3d_fullres)'; a network other than nnU-Net's own is named too, so two
         models of one dataset stay apart (in the panel and in the tags of the segments they make)."""
-        network = str(self.configuration.architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
-        extra = f", {NAMED_NETWORKS[network]}" if network in NAMED_NETWORKS else ""
+        title = network_title(self.configuration.architecture, self.trainer_name)
+        extra = f", {title}" if title in NAMED_NETWORKS.values() or primus_title(self.trainer_name) else ""
         dataset = " ".join(str(self.plans.get("dataset_name", self.path.parent.name)).split())
         return f"{dataset} ({self.configuration_name}{extra})"
 

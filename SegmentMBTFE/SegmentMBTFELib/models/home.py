@@ -28,7 +28,7 @@ from typing import List, Optional
 
 from ..errors import ModelError
 from . import zips as model_zips
-from .folder import NAMED_NETWORKS, find_trained_folder, open_model_folder
+from .folder import find_trained_folder, network_title, open_model_folder
 from .nnunet_v1 import is_v1_folder, is_v1_trained_folder, v1_trained_folders
 from .shipped import shipped_models
 from .versions import versions_home
@@ -45,8 +45,9 @@ class TrainedConfiguration:
     name: str          # "3d_fullres"
     path: Path         # its trained folder (plans.json, fold_N/)
     title: str         # the engine's name, which tags its segments: "Dataset004_Hippocampus (3d_fullres)"
-    network: str       # "PlainConvUNet", "ResidualEncoderUNet", "MBTFE-UNet"
+    network: str       # "PlainConvUNet", "ResidualEncoderUNet", "MBTFE-UNet", "Primus V3-S"
     folds: List[str]   # folds with a checkpoint
+    trainer: str = ""  # the nnU-Net trainer it was trained with (the folder's name says)
 
 
 @dataclass
@@ -339,11 +340,11 @@ def _trained_folders(path: Path) -> List[Path]:
 
 def _configuration(trained: Path) -> TrainedConfiguration:
     folder = open_model_folder(trained)
-    network = str(folder.configuration.architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
+    network = network_title(folder.configuration.architecture, folder.trainer_name)
     network = "Generic_UNet (nnU-Net v1)" if getattr(folder, "nnunet_version", 2) == 1 else network
     folds = folder.available_folds("final") or folder.available_folds("best")
-    return TrainedConfiguration(folder.configuration_name, trained, folder.name, NAMED_NETWORKS.get(network, network),
-                                folds)
+    return TrainedConfiguration(folder.configuration_name, trained, folder.name, network, folds,
+                                str(folder.trainer_name or ""))
 
 
 def _size(path: Path) -> int:

@@ -5,6 +5,7 @@ in place of its details, so a broken download or a moved folder shows up here ra
 """
 from typing import List
 
+from ..nnunet_trainers import primus_of, primus_title
 from .folder import NAMED_NETWORKS
 from .home import InstalledModel, size_text
 
@@ -56,6 +57,12 @@ def network_text(architecture: dict, trainer_name: str = "") -> str:
     """The network family and the options its plans state, for `models info`: 'UNet++ (UNetPlusPlus; prune_depth:
     None)', 'SegResNetVAE (SegResNetVAE; GroupNorm 8 groups; blocks_down: [1, 2, 2, 4]; ...)', 'PlainConvUNet'."""
     name = str(architecture.get("network_class_name", "")).rsplit(".", 1)[-1]
+    if primus_of(trainer_name):
+        version, size = primus_of(trainer_name)
+        return (f"{primus_title(trainer_name)} (Primus {version} size {size}, by the trainer's name: a transformer; "
+                "the plans' U-Net settings are unused)")
+    if name == "ResidualEncoderUNet":
+        return "ResEnc U-Net (ResidualEncoderUNet)"
     if name not in FAMILY_OPTIONS and trainer_name in TRAINER_NETWORKS:
         family = TRAINER_NETWORKS[trainer_name]
         return f"{NAMED_NETWORKS[family]} ({family}, by the trainer's name; options: the trainer's defaults)"

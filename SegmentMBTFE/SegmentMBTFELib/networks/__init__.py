@@ -10,6 +10,8 @@ from torch import nn
 from ..errors import ModelError
 from .families import FAMILIES, TRAINER_FAMILIES, checkpoint_family, inference_architecture, inference_weights  # noqa: F401
 from .mbtfe import MBTFEUNet, TRAINER_OPTIONS, checkpoint_architecture, is_mbtfe_checkpoint
+from .primus import Primus, primus_architecture
+from ..nnunet_trainers import builds_plans_network, primus_of
 from .unet import PlainConvUNet, ResidualEncoderUNet
 
 # Networks by class name (the last dotted part of `network_class_name`). Other modules add theirs
@@ -18,6 +20,7 @@ NETWORKS = {
     "PlainConvUNet": PlainConvUNet,
     "ResidualEncoderUNet": ResidualEncoderUNet,
     "MBTFEUNet": MBTFEUNet,
+    "Primus": Primus,  # built from the trainer's name (trainers.py), never from plans alone
     **{name: family.network for name, family in FAMILIES.items()},  # UNet++, SegResNetVAE, 3D U-Net (families.py)
 }
 
@@ -85,8 +88,12 @@ TRAINERS = {"nnUNetTrainerBN": _with_batchnorm}
 TRAINERS.update({name: partial(checkpoint_architecture, defaults=options) for name, options in TRAINER_OPTIONS.items()})
 
 
-def architecture_for_trainer(trainer_name: str, architecture: dict, checkpoint: dict = None) -> dict:
-    """The architecture of the network that `checkpoint` (nnU-Net's dict, optional) holds weights for."""
+def architecture_for_trainer(trainer_name: str, architecture: dict, checkpoint: dict = None,
+                             patch_size=None) -> dict:
+    """The architecture of the network that `checkpoint` (nnU-Net's dict, optional) holds weights for;
+    `patch_size` (the configuration's) sizes a Primus, whose position embedding has one entry per token."""
+    if primus_of(trainer_name):
+        return primus_architecture(*primus_of(trainer_name), patch_size)
     transform = TRAINERS.get(trainer_name)
     family = checkpoint_family(trainer_name, architecture, checkpoint) if transform is None else None
     if family:  # UNet++, SegResNetVAE, 3D U-Net: by trainer name, the plans, or the plans inside the checkpoint
@@ -98,3 +105,10 @@ def architecture_for_trainer(trainer_name: str, architecture: dict, checkpoint: 
     except _BAD_ARGUMENTS as error:
         raise ModelError(f"The plans' architecture does not fit the {trainer_name} network: {str(error)[:200]}") \
             from None
+
+
+def knows_trainer(trainer_name: str) -> bool:
+    """Whether the engine knows which network this trainer builds: nnU-Net 2.8's (nnunet_trainers.py) and
+    SegmentMBTFE's own (MBTFE-UNet, UNet++, SegResNetVAE, 3D U-Net)."""
+    return builds_plans_network(trainer_name) or primus_of(trainer_name) is not None or \
+        trainer_name in TRAINERS or trainer_name in TRAINER_FAMILIES

@@ -40,10 +40,12 @@ from ..inference.heap import reusing_memory
 from ..inference.model import Model, _as_3d, _spacing_zyx
 from ..inference.preprocessing import preprocess, resample_label_map
 from ..models.folder import NAMED_NETWORKS
+from ..nnunet_trainers import primus_title
 from ..networks import architecture_for_trainer, build_network
 from ..progress import Progress
 from ..tensors import to_tensor
 from ..volume import Volume
+from .network_parts import encoder_of, optimizer_for, set_deep_supervision
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +256,14 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
     rng = np.random.default_rng(settings.seed + index)
     network = copy.deepcopy(model.network)
     network.load_state_dict(model.weights[index])
-    network.decoder.deep_supervision = True  # nnU-Net trains every decoder stage's output
+    set_deep_supervision(network, True)  # nnU-Net trains every decoder stage's output
     network.to(device).train()
     if settings.freeze_encoder:
-        network.encoder.eval()  # batch-norm statistics stay as trained, too
-        for p in network.encoder.parameters():
+        encoder_of(network).eval()  # batch-norm statistics stay as trained, too
+        for p in encoder_of(network).parameters():
             p.requires_grad_(False)
     trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, settings.learning_rate, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    optimizer, clip = optimizer_for(network, trainable, settings.learning_rate)  # network_parts.py
     mixed = device.type == "cuda"
     scaler = _grad_scaler() if mixed else None
     loss_fn = _Loss(model)
@@ -299,12 +301,12 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, 12)
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 12)
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
             optimizer.step()
         losses.append(float(loss.detach()))
         stepping += time.perf_counter() - clock
@@ -314,7 +316,7 @@ def _train_fold(model: Model, index: int, data: List[_TrainingData], settings: F
                                         f"about {_duration(left)} left")
     timing["sampling_s"] = timing.get("sampling_s", 0.0) + sampling
     timing["forward_backward_s"] = timing.get("forward_backward_s", 0.0) + stepping
-    network.decoder.deep_supervision = False
+    set_deep_supervision(network, False)
     state = {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}
     state.update(getattr(model, "training_only_weights", [{}] * (index + 1))[index])  # e.g. a VAE branch, unchanged
     return state, losses, stopped
@@ -572,7 +574,7 @@ def _checksum(array: np.ndarray) -> str:
 def _network_record(model: Model) -> Dict[str, str]:
     """The network family, for the version's provenance; for SegResNetVAE, what became of its VAE branch."""
     name = type(model.network).__name__
-    record = {"family": NAMED_NETWORKS.get(name, name)}
+    record = {"family": primus_title(model.trainer_name) or NAMED_NETWORKS.get(name, name)}
     if name == "SegResNetVAE":
         kept = any(getattr(model, "training_only_weights", None) or [])
         record["vae_branch"] = ("not trained: fine-tuned with Dice + CE only, without the VAE branch; " +
