@@ -390,7 +390,7 @@ def _case_line(result, bar):
 
 
 def _info(args):
-    from .models.folder import open_model_folder
+    from .models.opening import open_model_folder
     from .models.table import network_text
     folder = open_model_folder(_chosen_model(args), args.configuration)
     c = folder.configuration

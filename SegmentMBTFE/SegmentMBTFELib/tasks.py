@@ -4,7 +4,6 @@ One code path: `segment-mbtfe predict`, the Segment button, the console's `segme
 open a model's version, predict, write files and add fine-tuned versions through these functions, so a
 model behaves the same from a terminal and from Slicer.
 """
-from collections import OrderedDict
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -13,37 +12,10 @@ from .errors import SegmentError
 SEG_NRRD = ".seg.nrrd"
 
 
-class ModelCache:
-    """Loaded models by (folder, configuration, folds, checkpoint), the most recently used kept.
-
-    Loading reads every checkpoint and builds the network, so the worker keeps the models it used last: a
-    second Segment with the same model starts at once. Only a few are kept, because each holds its weights."""
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self._models = OrderedDict()
-        self.last_was_cached = False
-
-    def get(self, folder, configuration=None, folds=None, checkpoint: str = "final"):
-        from .inference.model import load_model
-        key = (str(Path(folder).resolve()), configuration, tuple(str(f) for f in folds or ()), checkpoint)
-        self.last_was_cached = key in self._models
-        if self.last_was_cached:
-            self._models.move_to_end(key)
-        else:
-            self._models[key] = load_model(folder, configuration, list(folds) if folds else None, checkpoint)
-            while len(self._models) > self.keep:
-                self._models.popitem(last=False)
-        return self._models[key]
-
-    def clear(self):
-        self._models.clear()
-
-
 def open_model(model_path, version: str = None, configuration: str = None, folds: Sequence = None,
-               checkpoint: str = "final", cache: ModelCache = None):
+               checkpoint: str = "final", cache=None):
     """(Model, Version): the model's chosen version (by default its current one), loaded."""
-    from .inference.model import load_model
+    from .inference.loading import load_model
     from .models.folder import CHECKPOINTS, checkpoint_filename
     from .models.versions import ORIGINAL, resolve
     folder, chosen = resolve(model_path, version, configuration=configuration)

@@ -99,7 +99,7 @@ def _exit_at_once(code: int) -> None:
 
 class Worker:
     def __init__(self, output, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
-        from .tasks import ModelCache
+        from .inference.loading import ModelCache
         self._output = output
         self._write = threading.Lock()
         self._requests = queue.Queue()

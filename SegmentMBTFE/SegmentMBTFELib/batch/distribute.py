@@ -256,13 +256,13 @@ def _interrupt(signum, frame):
 
 # ------------------------------------------------------------------------------------------------------ Dask
 
-_MODELS = None        # this Dask worker process's loaded model (tasks.ModelCache)
+_MODELS = None        # this Dask worker process's loaded model (inference/loading.ModelCache)
 _COUNTS = {"model loads": 0, "cases": 0}   # what this process did: one load per model, however many cases
 _ONE_CASE = threading.Lock()   # a Model runs one case at a time (its network holds one fold's weights)
 
 
 def _load(spec: ModelSpec):
-    from ..tasks import ModelCache
+    from ..inference.loading import ModelCache
     global _MODELS
     if _MODELS is None:
         _MODELS = ModelCache(keep=1)

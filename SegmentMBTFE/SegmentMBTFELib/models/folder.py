@@ -321,15 +321,6 @@ class ModelFolder:
         raise ModelError(f"Say which configuration to use: {', '.join(names)}.")
 
 
-def open_model_folder(path, configuration: Optional[str] = None):
-    """The model folder at `path`: a ModelFolder, or for nnU-Net v1 folders a V1ModelFolder (nnunet_v1.py),
-    which has the same interface."""
-    from .nnunet_v1 import V1ModelFolder, is_v1_folder
-    if is_v1_folder(path):
-        return V1ModelFolder(path, configuration)
-    return ModelFolder(path, configuration)
-
-
 def _channel_number(key) -> int:
     try:
         return int(key)
