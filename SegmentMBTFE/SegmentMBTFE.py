@@ -246,6 +246,10 @@ class SegmentMBTFETest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear()
 
+    def logic(self):
+        """A fresh console API for a step of selftest.py (which never imports this module: it is the layer above)."""
+        return SegmentMBTFELogic()
+
     def runTest(self):
         status = dependencies.check()
         if not status.ready:
