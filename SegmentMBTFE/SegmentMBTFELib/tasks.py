@@ -32,20 +32,12 @@ def predict(model, version, volumes, device="auto", step_size: float = 0.5, tta:
     """model.predict, with the version recorded in the prediction's provenance when it is not the original.
     backend: what runs the network on the CPU: torch, openvino or auto (OpenVINO when installed; backends.py)."""
     from .inference.backends import use_backend
+    from .models.versions import with_version
     use_backend(model, backend)
     prediction = model.predict(volumes, device=device, step_size=step_size, tta=tta, probabilities=probabilities,
                                postprocess=postprocess, previous_stage=previous_stage, progress=progress,
                                cancel=cancel, uncertainty=uncertainty)
     return with_version(prediction, version)
-
-
-def with_version(prediction, version):
-    """The version recorded in the prediction's provenance (.seg.nrrd files, segmentation nodes) when it is
-    not the original."""
-    from .models.versions import ORIGINAL
-    if version is not None and version.id != ORIGINAL:
-        prediction.settings["version"] = version.id
-    return prediction
 
 
 def segment_files(model, version, cases: Sequence, output_dir, device="auto", step_size: float = 0.5,

@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError, ModelError, OutOfMemory
+from ..free_memory import refuse_unless_it_fits
 from ..io.images import geometry_difference
 from ..models.checkpoint import load_checkpoint, load_weights
 from ..models.folder import ModelFolder, checkpoint_filename
@@ -31,7 +32,7 @@ from .channels_last import channels_last
 from .devices import choose_device, device_plans, is_out_of_memory, release_memory
 from .export import export, export_map
 from .heap import reusing_memory
-from .memory import network_bytes, prediction_bytes, refuse_unless_it_fits
+from .memory import network_bytes, prediction_bytes
 from .postprocessing import apply_postprocessing
 from .preprocessing import preprocess, resampling_kwargs
 from .resampling import compute_new_shape

@@ -305,7 +305,7 @@ class ModelFolder:
 
     def postprocessing(self) -> Optional[dict]:
         """nnU-Net's postprocessing.json from cross-validation, when the folder has one (the .pkl is never read)."""
-        from ..inference.postprocessing import postprocessing_steps
+        from .postprocessing_recipe import postprocessing_steps
         for candidate in sorted(self.path.glob("crossval_results_folds_*/postprocessing.json")):
             recipe = read_json(candidate)
             postprocessing_steps(recipe)  # checked now, not after minutes of work

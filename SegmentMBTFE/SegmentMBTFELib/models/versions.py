@@ -47,6 +47,14 @@ _HOLDER_FILE = ".holder.json"   # in a version being written: which program writ
 _FAMILY_KEY = re.compile(r"^[A-Za-z0-9_.-]{0,80}-[0-9a-f]{12}$")
 
 
+def with_version(prediction, version):
+    """The version recorded in the prediction's provenance (.seg.nrrd files, segmentation nodes) when it is
+    not the original."""
+    if version is not None and version.id != ORIGINAL:
+        prediction.settings["version"] = version.id
+    return prediction
+
+
 def versions_home() -> Path:
     """Where versions live: $SEGMENTMBTFE_HOME, else the user's data folder / SegmentMBTFE."""
     configured = os.environ.get("SEGMENTMBTFE_HOME")
