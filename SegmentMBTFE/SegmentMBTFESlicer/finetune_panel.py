@@ -15,7 +15,6 @@ Qt calls are the ones that behave alike in PythonQt and PySide6 (see segment_pan
 """
 import logging
 import traceback
-from typing import Sequence, Tuple
 
 import qt
 
@@ -27,32 +26,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------- what the section shows
-
-def button_state(model, segmentation_node, volumes: Sequence, running: bool, problem: str = "") -> Tuple[bool, str]:
-    """(enabled, tooltip) of the Fine-tune button: the tooltip says what is missing when it is disabled."""
-    if running:
-        return False, "A segmentation or fine-tune is running: wait for it, or press Cancel."
-    if model is None:
-        return False, "Choose a model (or add a model folder) above."
-    if model.problem:
-        return False, model.problem
-    if segmentation_node is None:
-        return False, "Choose the corrected segmentation."
-    if not volumes or any(v is None for v in volumes):
-        return False, ("Choose the volume the segmentation was drawn on." if len(model.channels) < 2 else
-                       "Choose the input volume for every channel above.")
-    if problem:
-        return False, problem
-    return True, (f"Fine-tune {model.name} on {segmentation_node.GetName()}: a new version is written, "
-                  "the original stays as it is.")
-
-
-def progress_text(fraction: float, stage: str) -> str:
-    """'Fine-tuning: iteration 3/5, loss 0.412, about 4 s left (60%)'; a stage without a fraction as it is."""
-    if fraction < 0:
-        return stage
-    return f"Fine-tuning: {stage} ({int(round(100 * fraction))}%)" if stage else f"Fine-tuning ({int(100 * fraction)}%)"
-
 
 def result_text(run) -> str:
     """What the section shows after a run: Dice before -> after, per label, and what was left out."""
@@ -214,8 +187,9 @@ class FinetuneSection:
         return self._labels[path]
 
     def updateButtons(self) -> None:
-        enabled, toolTip = button_state(self.segment.currentModel(), self.ui.finetuneSegmentationSelector.currentNode(),
-                                        self.caseVolumes(), self.jobs.busy, self._matchProblem)
+        enabled, toolTip = panel.finetune_button_state(self.segment.currentModel(),
+                                                       self.ui.finetuneSegmentationSelector.currentNode(),
+                                                       self.caseVolumes(), self.jobs.busy, self._matchProblem)
         self.ui.finetuneButton.setEnabled(enabled)
         self.ui.finetuneButton.setToolTip(toolTip)
         self.ui.finetuneCancelButton.setEnabled(self.running and self.jobs.job is not None and not self.jobs.cancelling)
@@ -265,7 +239,7 @@ class FinetuneSection:
 
     def onProgress(self, fraction: float, stage: str) -> None:
         panel.show_fraction(self.ui.finetuneProgressBar, fraction)
-        self.ui.finetuneStatusLabel.setText(progress_text(fraction, stage))
+        self.ui.finetuneStatusLabel.setText(panel.progress_text(fraction, stage, "Fine-tuning"))
 
     def onFinished(self, outcome) -> None:
         """The new version is written and current (or nothing was written)."""

@@ -238,7 +238,7 @@ class SegmentSection:
     def updateButtonState(self) -> None:
         model = self.currentModel()
         _folds, foldsProblem = panel.parse_folds(self.ui.foldsLineEdit.property("text"), model.folds if model else [])
-        enabled, toolTip = panel.button_state(model, self.inputVolumes(), self.jobs.busy, foldsProblem)
+        enabled, toolTip = panel.segment_button_state(model, self.inputVolumes(), self.jobs.busy, foldsProblem)
         self.ui.segmentButton.setEnabled(enabled)
         self.ui.segmentButton.setToolTip(toolTip)
         segmenting = self.jobs.kind == "segmentation" and self.jobs.job is not None
