@@ -97,11 +97,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and log details")
     commands = parser.add_subparsers(title="commands")
 
+    _add_predict(commands)
+    _add_finetune(commands)
+    _add_models(commands)
+    worker = commands.add_parser(
+        "worker", help="serve the Slicer module: JSON requests on stdin, replies on stdout (see worker.py)")
+    worker.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="exit after this long without a request (600)")
+    # imports_torch_itself: the worker says its pid at once, before the seconds torch takes (worker.py)
+    worker.set_defaults(run=lambda args: __import__(f"{__package__}.worker", fromlist=["main"]).main(
+        args.idle_timeout), imports_torch_itself=True)
+
+    from .training.nnunet_trainer.commands import add_parser as add_trainer_commands
+    add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
+    return parser
+
+
+def _add_predict(commands):
     predict = commands.add_parser(
         "predict", help="segment one case, or a folder of cases",
         description="Segment one case (-o a file), or every case in a folder (-o a folder): one image file per "
                     "case, nnU-Net's case_0000.nii.gz channel files, or one DICOM series folder per case.")
-    predict.add_argument("-m", "--model", help="nnU-Net v2 model folder (default: the shipped default model)")
+    _model_option(predict)
     predict.add_argument("--version", metavar="ID",
                          help="model version to use: original, v1, v2... (default: the current one)")
     predict.add_argument("-i", "--input", nargs="+", required=True, metavar="IMAGE",
@@ -153,11 +170,13 @@ def _parser() -> argparse.ArgumentParser:
                             "needs the [dask] extra and a filesystem the workers share)")
     predict.set_defaults(run=_predict)
 
+
+def _add_finetune(commands):
     finetune = commands.add_parser(
         "finetune", help="fine-tune a model on corrected cases: writes a new version, the model is unchanged",
         description="Fine-tune a model on corrected cases. The result is a new version of the model (listed by "
                     "`models versions`, made current); the model fine-tuned from is never changed.")
-    finetune.add_argument("-m", "--model", help="nnU-Net v2 model folder (default: the shipped default model)")
+    _model_option(finetune)
     finetune.add_argument("--version", metavar="ID",
                           help="version to start from: original, v1... (default: the current one)")
     finetune.add_argument("-i", "--images", nargs="+", action="extend", required=True, metavar="IMAGE",
@@ -187,6 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     finetune.set_defaults(run=_finetune)
 
+
+def _add_models(commands):
     models = commands.add_parser("models", help="list, add and remove models; inspect them and their versions"
                                  ).add_subparsers(title="model commands")
     listing = models.add_parser("list", help="every model by name: shipped, added and registered")
@@ -224,23 +245,16 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("version_id", metavar="VERSION")
     delete.set_defaults(run=_delete)
 
-    worker = commands.add_parser(
-        "worker", help="serve the Slicer module: JSON requests on stdin, replies on stdout (see worker.py)")
-    worker.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="exit after this long without a request (600)")
-    # imports_torch_itself: the worker says its pid at once, before the seconds torch takes (worker.py)
-    worker.set_defaults(run=lambda args: __import__(f"{__package__}.worker", fromlist=["main"]).main(
-        args.idle_timeout), imports_torch_itself=True)
-
-    from .training.nnunet_trainer.commands import add_parser as add_trainer_commands
-    add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
-    return parser
-
 
 def _model_options(parser, positional=False):
+    _model_option(parser, positional)
+    parser.add_argument("-c", "--configuration", help="configuration of a dataset folder with several")
+
+
+def _model_option(parser, positional=False):
+    """-m: what every command that works on one model reads with _chosen_model."""
     parser.add_argument("-m", "--model", dest="model_option" if positional else "model",
                         help="model folder or name (models list; default: the shipped default model)")
-    parser.add_argument("-c", "--configuration", help="configuration of a dataset folder with several")
 
 
 def _chosen_model(args) -> Path:
