@@ -273,9 +273,7 @@ def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
     version, result = finetune_version(model, request["model"], cases, (), settings, progress, cancel,
                                        make_current=False, started=started)
     return {"version": version.id, "version_path": str(version.path), "parent": parent.id,
-            "iterations": result.iterations, "seconds": result.seconds, "device": result.device,
-            "stopped": result.stopped, "frozen": result.frozen, "dice_before": result.dice_before,
-            "dice_after": result.dice_after, "budget_s": result.budget_s, "timing": result.timing}
+            **exchange.FinetuneSummary.of(result).message()}
 
 
 COMMANDS = {"segment": _segment, "segment_files": _segment_files, "finetune": _finetune}
