@@ -26,7 +26,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from SegmentMBTFESlicer import (catalog, dependencies, finetune_panel, logic, runner, segment_panel, selftest,
-                                terminology, worker)
+                                terminology, worker_process)
 from SegmentMBTFESlicer.job_controller import JobController
 from SegmentMBTFESlicer.resources import resource_path
 
@@ -92,14 +92,14 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Never blocks Slicer for long: the job is cancelled and the worker gets half a second to exit."""
         self.jobs.cancel()
-        worker.stop_shared(wait_ms=500)
+        worker_process.stop_shared(wait_ms=500)
         if self.finetune is not None:
             self.finetune.cleanup()
         self.removeObservers()
 
     def onReload(self) -> None:
         """Reload the module's packages too (Slicer's Reload re-reads this file only), and the worker."""
-        worker.stop_shared(wait_ms=500)
+        worker_process.stop_shared(wait_ms=500)
         for name in [n for n in sys.modules if n.split(".")[0] in ("SegmentMBTFESlicer", "SegmentMBTFELib")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
