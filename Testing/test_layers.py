@@ -19,8 +19,8 @@ PRODUCT = Path(__file__).resolve().parents[1] / "SegmentMBTFE"
 LAYERS = [
     ["SegmentMBTFE"],
     ["SegmentMBTFESlicer"],
-    ["SegmentMBTFELib.cli", "SegmentMBTFELib.__main__", "SegmentMBTFELib.worker", "SegmentMBTFELib.tasks",
-     "SegmentMBTFELib.exchange"],
+    ["SegmentMBTFELib.cli", "SegmentMBTFELib.cli_models", "SegmentMBTFELib.__main__", "SegmentMBTFELib.worker",
+     "SegmentMBTFELib.tasks", "SegmentMBTFELib.exchange"],
     ["SegmentMBTFELib.batch", "SegmentMBTFELib.training"],
     ["SegmentMBTFELib.inference"],
     ["SegmentMBTFELib.io"],
