@@ -76,8 +76,8 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegmentMBTFELogic()
-        self.segment = segment_panel.SegmentSection(self.ui, self.logic, self.jobs)
-        self.finetune = finetune_panel.FinetuneSection(self.ui, self.segment, self.logic, self.jobs)
+        self.segment = segment_panel.SegmentSection(self.ui, self.jobs)
+        self.finetune = finetune_panel.FinetuneSection(self.ui, self.segment, self.jobs)
         self.segment.setup()
         self.finetune.setup()
         scene = slicer.mrmlScene
