@@ -294,14 +294,14 @@ def test_a_worker_process_that_dies_fails_only_the_cases_it_had_left(models, tmp
     has segmented its first case: the first worker's cases are all written, the dead one's are failed, saying
     so, and the exit code is 1."""
     from SegmentMBTFELib.batch import distribute
-    settle = distribute._WorkerProcess.settle
+    settle = distribute._PartProcess.settle
 
     def settle_then_kill(worker, reply):
         settled = settle(worker, reply)
         if worker.name.startswith("worker 2") and len(worker.done) == 1:
             worker.process.kill()
         return settled
-    monkeypatch.setattr(distribute._WorkerProcess, "settle", settle_then_kill)
+    monkeypatch.setattr(distribute._PartProcess, "settle", settle_then_kill)
     folder, out = cases_folder(tmp_path, 6), tmp_path / "out"
     code, stdout, err = run(capsys, "predict", "-q", "-m", models["one"], "-i", folder, "-o", out,
                             "--devices", "cpu,cpu", "--format", ".nii.gz")

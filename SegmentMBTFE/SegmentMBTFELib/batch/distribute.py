@@ -128,7 +128,7 @@ def run_processes(devices: Sequence[str], spec: ModelSpec, model, cases: Sequenc
         part = shard(indexed, len(devices), k + 1)
         if part:
             name = f"worker {k + 1} of {len(devices)} ({device})"
-            workers.append(_WorkerProcess(name, device, part, spec, output_dir, settings, threads))
+            workers.append(_PartProcess(name, device, part, spec, output_dir, settings, threads))
     replies: "queue.Queue" = queue.Queue()
     try:
         for worker in workers:
@@ -152,8 +152,9 @@ def run_processes(devices: Sequence[str], spec: ModelSpec, model, cases: Sequenc
     return collector.close()
 
 
-class _WorkerProcess:
-    """One worker process: its cases go in on stdin (JSON), results come out one JSON line each."""
+class _PartProcess:
+    """One worker process of a batch, with its part of the cases: they go in on stdin (JSON), results come out
+    one JSON line each."""
 
     def __init__(self, name: str, device: str, part, spec: ModelSpec, output_dir, settings: BatchSettings,
                  threads: int):
