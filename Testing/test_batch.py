@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from hostile_files import smooth_volume, write_dicom_series, write_image
 from terminal import interrupt_when
 from SegmentMBTFELib import cli
-from SegmentMBTFELib.batch.folder import find_cases
+from SegmentMBTFELib.batch.cases import find_cases
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -217,7 +217,7 @@ def test_overlapped_outputs_are_those_of_the_sequential_run(models, tmp_path):
     """Real files through run_batch both ways: the same label maps, the same manifest rows but the times,
     progress that never goes back, and every case's stages reported."""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.batch.folder import BatchSettings, run_batch
+    from SegmentMBTFELib.batch.cases import BatchSettings, run_batch
     folder = cases_folder(tmp_path, 3)
     (folder / "broken.nii.gz").write_bytes(b"not an image")
     cases, _ = find_cases([folder], ["CT"])
@@ -242,7 +242,7 @@ def test_overlapped_outputs_are_those_of_the_sequential_run(models, tmp_path):
 def test_cancel_in_the_network_writes_the_case_before_and_not_the_one_read_ahead(models, tmp_path):
     import threading
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.batch.folder import BatchSettings, Manifest, run_batch
+    from SegmentMBTFELib.batch.cases import BatchSettings, Manifest, run_batch
     from SegmentMBTFELib.errors import Cancelled
     cases, _ = find_cases([cases_folder(tmp_path, 4)], ["CT"])
     out, cancel = tmp_path / "out", threading.Event()

@@ -276,7 +276,7 @@ def _is_folder_output(output: Path) -> bool:
 
 def _predict_batch(args):
     from .batch.distribute import Collector, ModelSpec, run_on_dask, run_processes, worker_devices
-    from .batch.folder import BatchSettings, Manifest, find_cases, run_batch, shard, summary
+    from .batch.cases import BatchSettings, Manifest, find_cases, run_batch, shard, summary
     from .io.images import check_writable
 
     started, output_dir = time.perf_counter(), Path(args.output)

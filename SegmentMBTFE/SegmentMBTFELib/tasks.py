@@ -51,7 +51,7 @@ def segment_files(model, version, cases: Sequence, output_dir, device="auto", st
     fails does not stop the others; when any failed, SomeCasesFailed is raised once all were tried, with
     the files written and each failed case's reason (its message is the reason itself for a single case).
     Existing outputs are replaced. Cancel stops at once (Cancelled); the cases written before it stay."""
-    from .batch.folder import FAILED, BatchSettings, Case, flag_name_clashes, run_batch
+    from .batch.cases import FAILED, BatchSettings, Case, flag_name_clashes, run_batch
     from .errors import SomeCasesFailed
     from .inference.backends import check_backend
     from .io.writers import output_extension

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import Cancelled, InputError, SegmentError
-from .folder import FAILED, BatchSettings, Case, CaseResult, run_batch, settled_result, shard
+from .cases import FAILED, BatchSettings, Case, CaseResult, run_batch, settled_result, shard
 
 DASK_INSTALL = "--dask needs the distributed package: pip install 'SegmentMBTFE[dask]' (or pip install distributed)."
 
