@@ -26,7 +26,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 from SegmentMBTFESlicer import (catalog, dependencies, finetune_panel, logic, runner, segment_panel, selftest,
-                                terminology, worker)
+                                terminology, worker_process)
 from SegmentMBTFESlicer.job_controller import JobController
 from SegmentMBTFESlicer.resources import resource_path
 
@@ -76,8 +76,8 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegmentMBTFELogic()
-        self.segment = segment_panel.SegmentSection(self.ui, self.logic, self.jobs)
-        self.finetune = finetune_panel.FinetuneSection(self.ui, self.segment, self.logic, self.jobs)
+        self.segment = segment_panel.SegmentSection(self.ui, self.jobs)
+        self.finetune = finetune_panel.FinetuneSection(self.ui, self.segment, self.jobs)
         self.segment.setup()
         self.finetune.setup()
         scene = slicer.mrmlScene
@@ -92,14 +92,14 @@ class SegmentMBTFEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Never blocks Slicer for long: the job is cancelled and the worker gets half a second to exit."""
         self.jobs.cancel()
-        worker.stop_shared(wait_ms=500)
+        worker_process.stop_shared(wait_ms=500)
         if self.finetune is not None:
             self.finetune.cleanup()
         self.removeObservers()
 
     def onReload(self) -> None:
         """Reload the module's packages too (Slicer's Reload re-reads this file only), and the worker."""
-        worker.stop_shared(wait_ms=500)
+        worker_process.stop_shared(wait_ms=500)
         for name in [n for n in sys.modules if n.split(".")[0] in ("SegmentMBTFESlicer", "SegmentMBTFELib")]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
@@ -245,6 +245,10 @@ class SegmentMBTFETest(ScriptedLoadableModuleTest):
 
     def setUp(self):
         slicer.mrmlScene.Clear()
+
+    def logic(self):
+        """A fresh console API for a step of selftest.py (which never imports this module: it is the layer above)."""
+        return SegmentMBTFELogic()
 
     def runTest(self):
         status = dependencies.check()

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from hostile_files import smooth_volume, write_dicom_series, write_image
 from terminal import interrupt_when
 from SegmentMBTFELib import cli
-from SegmentMBTFELib.batch.folder import find_cases
+from SegmentMBTFELib.batch.cases import find_cases
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -217,7 +217,7 @@ def test_overlapped_outputs_are_those_of_the_sequential_run(models, tmp_path):
     """Real files through run_batch both ways: the same label maps, the same manifest rows but the times,
     progress that never goes back, and every case's stages reported."""
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.batch.folder import BatchSettings, run_batch
+    from SegmentMBTFELib.batch.cases import BatchSettings, run_batch
     folder = cases_folder(tmp_path, 3)
     (folder / "broken.nii.gz").write_bytes(b"not an image")
     cases, _ = find_cases([folder], ["CT"])
@@ -242,7 +242,7 @@ def test_overlapped_outputs_are_those_of_the_sequential_run(models, tmp_path):
 def test_cancel_in_the_network_writes_the_case_before_and_not_the_one_read_ahead(models, tmp_path):
     import threading
     from SegmentMBTFELib import load_model
-    from SegmentMBTFELib.batch.folder import BatchSettings, Manifest, run_batch
+    from SegmentMBTFELib.batch.cases import BatchSettings, Manifest, run_batch
     from SegmentMBTFELib.errors import Cancelled
     cases, _ = find_cases([cases_folder(tmp_path, 4)], ["CT"])
     out, cancel = tmp_path / "out", threading.Event()
@@ -294,14 +294,14 @@ def test_a_worker_process_that_dies_fails_only_the_cases_it_had_left(models, tmp
     has segmented its first case: the first worker's cases are all written, the dead one's are failed, saying
     so, and the exit code is 1."""
     from SegmentMBTFELib.batch import distribute
-    settle = distribute._WorkerProcess.settle
+    settle = distribute._PartProcess.settle
 
     def settle_then_kill(worker, reply):
         settled = settle(worker, reply)
         if worker.name.startswith("worker 2") and len(worker.done) == 1:
             worker.process.kill()
         return settled
-    monkeypatch.setattr(distribute._WorkerProcess, "settle", settle_then_kill)
+    monkeypatch.setattr(distribute._PartProcess, "settle", settle_then_kill)
     folder, out = cases_folder(tmp_path, 6), tmp_path / "out"
     code, stdout, err = run(capsys, "predict", "-q", "-m", models["one"], "-i", folder, "-o", out,
                             "--devices", "cpu,cpu", "--format", ".nii.gz")

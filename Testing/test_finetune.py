@@ -155,10 +155,11 @@ def test_by_default_the_run_fits_a_time_budget(tiny, cases):
 
 
 def test_cases_are_drawn_in_rounds(tiny, cases):
-    from SegmentMBTFELib.training.finetune import _PatchSampler, _training_data
+    from SegmentMBTFELib.training.finetune import _training_data
+    from SegmentMBTFELib.training.patches import PatchSampler
     model = load_model(tiny)
     data = [_training_data(model, c) for c in cases]
-    sampler = _PatchSampler(model, data, torch.device("cpu"), np.random.default_rng(0))
+    sampler = PatchSampler(model, data, torch.device("cpu"), np.random.default_rng(0))
     drawn = [sampler._next_case(False) for _ in range(3 * len(data))]
     assert sorted(drawn) == sorted(list(range(len(data))) * 3)  # however few draws, no case is left out
 

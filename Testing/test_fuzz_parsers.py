@@ -26,8 +26,9 @@ import model_factory
 from hostile_files import smooth_volume
 from SegmentMBTFELib import cli, load_model
 from SegmentMBTFELib.errors import SegmentError
-from SegmentMBTFELib.inference.postprocessing import apply_postprocessing, postprocessing_steps
+from SegmentMBTFELib.inference.postprocessing import apply_postprocessing
 from SegmentMBTFELib.io.segfile import Segment, read_seg_nrrd, write_seg_nrrd
+from SegmentMBTFELib.models.postprocessing_recipe import postprocessing_steps
 from SegmentMBTFELib.models.versions import VERSION_FILE, ModelVersions, resolve
 from SegmentMBTFELib.volume import Volume
 

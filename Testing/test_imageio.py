@@ -19,8 +19,8 @@ import pytest
 import SimpleITK as sitk
 
 from SegmentMBTFELib.errors import InputError, SegmentError
-from SegmentMBTFELib.io.images import (SUPPORTED_EXTENSIONS, atomic_output, is_dicom_folder, read_channels,
-                                       read_volume, write_volume)
+from SegmentMBTFELib.io.images import atomic_output, is_dicom_folder, read_channels, read_volume, write_volume
+from SegmentMBTFELib.io.sitk_volume import SUPPORTED_EXTENSIONS
 from SegmentMBTFELib.volume import Volume
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"

@@ -1,5 +1,6 @@
-"""nnU-Net v1 model folders (nnunet_v1.py): parity with nnU-Net v1's own predictions, the weight mapping of
-Generic_UNet, the restricted unpickler, and v1 folders and zips in the models home.
+"""nnU-Net v1 model folders (models/nnunet_v1.py, nnunet_v1_weights.py; inference/v1_model.py predicts): parity
+with nnU-Net v1's own predictions, the weight mapping of Generic_UNet, the restricted unpickler, and v1 folders
+and zips in the models home.
 
 The model folders and reference predictions come from PyPI `nnunet` 1.7.1 itself (nnunet_v1_reference.py: v1's
 planner, preprocessing, nnUNetTrainerV2 training a few iterations, predict_cases), on real hippocampus MR cases
@@ -25,7 +26,8 @@ import nnunet_v1_reference as v1ref
 from SegmentMBTFELib import load_model, read_volume
 from SegmentMBTFELib.errors import ModelError
 from SegmentMBTFELib.models import home as models_home
-from SegmentMBTFELib.models.nnunet_v1 import V1ModelFolder, generic_unet_architecture, read_pickle, v2_weights
+from SegmentMBTFELib.models.nnunet_v1 import V1ModelFolder, generic_unet_architecture, read_pickle
+from SegmentMBTFELib.models.nnunet_v1_weights import v2_weights
 from SegmentMBTFELib.networks import build_network
 
 pytestmark = pytest.mark.timeout(900)

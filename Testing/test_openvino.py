@@ -18,6 +18,7 @@ import torch
 from SegmentMBTFELib import InputError, load_model
 from SegmentMBTFELib import cli, tasks
 from SegmentMBTFELib.inference import backends
+from SegmentMBTFELib.inference.loading import ModelCache
 from SegmentMBTFELib.io.images import read_channels
 from SegmentMBTFELib.models.shipped import shipped_models
 
@@ -103,9 +104,10 @@ def test_shipped_mbtfe_model_same_labels_and_logits_close(hippo_test_cases, agre
 
 
 def test_converted_once_per_model_then_read_from_the_cache(hippo3d_model, hippo_test_cases, monkeypatch):
-    """The worker keeps models in tasks.ModelCache: its second Segment reuses the converted network. A fresh
-    process (a new load) reads the converted network saved under the versions home instead of converting."""
-    cache = tasks.ModelCache()
+    """The worker keeps models in a ModelCache (inference/loading.py): its second Segment reuses the converted
+    network. A fresh process (a new load) reads the converted network saved under the versions home instead of
+    converting."""
+    cache = ModelCache()
     case = read_channels(hippo_test_cases[0])
     model, version = tasks.open_model(hippo3d_model, cache=cache)
     first = tasks.predict(model, version, case, "cpu", tta=False, backend="openvino")

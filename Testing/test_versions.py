@@ -380,9 +380,9 @@ def test_a_lock_left_by_a_program_that_died_is_broken_at_once(original):
     assert not lock.exists() and versions.current().id == "original"
 
     # a lock held by a program that runs (this one) is respected: it is not broken
-    from SegmentMBTFELib.models.versions import _break_if_stale
+    from SegmentMBTFELib.models.version_store import break_if_stale
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    assert not _break_if_stale(lock) and lock.exists()
+    assert not break_if_stale(lock) and lock.exists()
 
 
 def test_what_a_killed_fine_tune_half_wrote_is_removed_by_the_next(original):

@@ -66,8 +66,8 @@ def main():
     if args.thread_baseline:
         seconds = _thread_baseline(slicer_app, volume, tta)
         print(f"previous design, engine in a thread of Slicer's process  {seconds:6.2f} s   {seconds / engine:.2f}x")
-    from SegmentMBTFESlicer import worker
-    worker.stop_shared()
+    from SegmentMBTFESlicer import worker_process
+    worker_process.stop_shared()
 
 
 def _verdict(ok: bool) -> str:

@@ -10,7 +10,7 @@ from .errors import Cancelled, InputError, ModelError, OutOfMemory, SegmentError
 from .volume import Volume  # noqa: E402
 
 # torch is imported on first use of these, so `segment-mbtfe models info` and image IO start quickly.
-_LAZY = {"Model": "inference.model", "Prediction": "inference.model", "load_model": "inference.model",
+_LAZY = {"Model": "inference.model", "Prediction": "inference.model", "load_model": "inference.loading",
          "read_volume": "io.images", "read_channels": "io.images"}
 
 

@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .cli_models import add_parser as add_models_commands, chosen_model, model_option, models_add
 from .errors import Cancelled, InputError, SegmentError
 from .inference.backends import BACKENDS, check_backend
 from .requirements import import_torch_quietly
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     if not getattr(args, "imports_torch_itself", False):
         import_torch_quietly()
     try:
-        with _sigterm_stops(args.run in (_predict, _finetune, _models_add)):
+        with _sigterm_stops(args.run in (_predict, _finetune, models_add)):
             return args.run(args) or 0
     except (Cancelled, KeyboardInterrupt) as stop:
         text = str(stop) or "Cancelled; nothing was written."
@@ -97,11 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and log details")
     commands = parser.add_subparsers(title="commands")
 
+    _add_predict(commands)
+    _add_finetune(commands)
+    add_models_commands(commands)
+    worker = commands.add_parser(
+        "worker", help="serve the Slicer module: JSON requests on stdin, replies on stdout (see worker.py)")
+    worker.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="exit after this long without a request (600)")
+    # imports_torch_itself: the worker says its pid at once, before the seconds torch takes (worker.py)
+    worker.set_defaults(run=lambda args: __import__(f"{__package__}.worker", fromlist=["main"]).main(
+        args.idle_timeout), imports_torch_itself=True)
+
+    from .training.nnunet_trainer.commands import add_parser as add_trainer_commands
+    add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
+    return parser
+
+
+def _add_predict(commands):
     predict = commands.add_parser(
         "predict", help="segment one case, or a folder of cases",
         description="Segment one case (-o a file), or every case in a folder (-o a folder): one image file per "
                     "case, nnU-Net's case_0000.nii.gz channel files, or one DICOM series folder per case.")
-    predict.add_argument("-m", "--model", help="nnU-Net v2 model folder (default: the shipped default model)")
+    model_option(predict)
     predict.add_argument("--version", metavar="ID",
                          help="model version to use: original, v1, v2... (default: the current one)")
     predict.add_argument("-i", "--input", nargs="+", required=True, metavar="IMAGE",
@@ -153,11 +171,13 @@ def _parser() -> argparse.ArgumentParser:
                             "needs the [dask] extra and a filesystem the workers share)")
     predict.set_defaults(run=_predict)
 
+
+def _add_finetune(commands):
     finetune = commands.add_parser(
         "finetune", help="fine-tune a model on corrected cases: writes a new version, the model is unchanged",
         description="Fine-tune a model on corrected cases. The result is a new version of the model (listed by "
                     "`models versions`, made current); the model fine-tuned from is never changed.")
-    finetune.add_argument("-m", "--model", help="nnU-Net v2 model folder (default: the shipped default model)")
+    model_option(finetune)
     finetune.add_argument("--version", metavar="ID",
                           help="version to start from: original, v1... (default: the current one)")
     finetune.add_argument("-i", "--images", nargs="+", action="extend", required=True, metavar="IMAGE",
@@ -187,76 +207,13 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     finetune.set_defaults(run=_finetune)
 
-    models = commands.add_parser("models", help="list, add and remove models; inspect them and their versions"
-                                 ).add_subparsers(title="model commands")
-    listing = models.add_parser("list", help="every model by name: shipped, added and registered")
-    listing.set_defaults(run=_models_list)
-    add = models.add_parser("add", help="add a model folder or an nnU-Net model zip (nnUNetv2_export_model_to_zip)",
-                            description="Copy a trained nnU-Net v2 model folder (or the dataset folder above it), or "
-                                        "unpack a zip made by nnUNetv2_export_model_to_zip, into the models folder "
-                                        "of the user's SegmentMBTFE folder; --link registers a folder where it is.")
-    add.add_argument("path", metavar="PATH", help="model folder, dataset folder or model zip")
-    add.add_argument("--name", help="the name to use with -m (default: the dataset folder's name)")
-    add.add_argument("--link", action="store_true",
-                     help="register the folder where it is instead of copying it (remove then only forgets it)")
-    add.set_defaults(run=_models_add)
-    remove = models.add_parser("remove", help="delete an added model; forget a registered one (its folder stays)")
-    remove.add_argument("name", metavar="NAME")
-    remove.set_defaults(run=_models_remove)
-    info = models.add_parser("info", help="labels, channels, configurations, folds, patch size, spacing")
-    info.add_argument("model", help="model folder or name (models list)")
-    info.add_argument("-c", "--configuration")
-    info.set_defaults(run=_info)
-
-    versions = models.add_parser("versions", help="list a model's versions (* marks the current one)")
-    versions.add_argument("model", nargs="?", help="model folder or name (default: the shipped default model)")
-    _model_options(versions, positional=True)
-    versions.set_defaults(run=_versions)
-    use = models.add_parser("use", help="make a version current: original, v1, v2...")
-    _model_options(use)
-    use.add_argument("version_id", metavar="VERSION")
-    use.set_defaults(run=_use)
-    rollback = models.add_parser("rollback", help="make the current version's parent current")
-    _model_options(rollback)
-    rollback.set_defaults(run=_rollback)
-    delete = models.add_parser("delete", help="delete a version and its folder (never the original)")
-    _model_options(delete)
-    delete.add_argument("version_id", metavar="VERSION")
-    delete.set_defaults(run=_delete)
-
-    worker = commands.add_parser(
-        "worker", help="serve the Slicer module: JSON requests on stdin, replies on stdout (see worker.py)")
-    worker.add_argument("--idle-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="exit after this long without a request (600)")
-    # imports_torch_itself: the worker says its pid at once, before the seconds torch takes (worker.py)
-    worker.set_defaults(run=lambda args: __import__(f"{__package__}.worker", fromlist=["main"]).main(
-        args.idle_timeout), imports_torch_itself=True)
-
-    from .training.nnunet_trainer.commands import add_parser as add_trainer_commands
-    add_trainer_commands(commands)  # `nnunet-trainer register|unregister|status|path` (for nnUNetv2_train)
-    return parser
-
-
-def _model_options(parser, positional=False):
-    parser.add_argument("-m", "--model", dest="model_option" if positional else "model",
-                        help="model folder or name (models list; default: the shipped default model)")
-    parser.add_argument("-c", "--configuration", help="configuration of a dataset folder with several")
-
-
-def _chosen_model(args) -> Path:
-    """-m (or the positional MODEL): a folder or a name `models list` shows; else the default shipped model."""
-    from .models.home import model_path
-    from .models.shipped import default_model
-    given = getattr(args, "model_option", None) or getattr(args, "model", None)
-    return model_path(given) if given else default_model()
-
 
 def _open_model(args, folds=None, checkpoint="final"):
     """(Model, Version, note): the note says which model is used when that is not what the user typed
     (the default model, or a fine-tuned version rather than the folder given), "" otherwise."""
     from .models.versions import ORIGINAL
     from .tasks import open_model
-    path = _chosen_model(args)
+    path = chosen_model(args)
     model, version = open_model(path, args.version, args.configuration, folds, checkpoint)
     note = ""
     if not args.model or version.id != ORIGINAL:
@@ -319,7 +276,7 @@ def _is_folder_output(output: Path) -> bool:
 
 def _predict_batch(args):
     from .batch.distribute import Collector, ModelSpec, run_on_dask, run_processes, worker_devices
-    from .batch.folder import BatchSettings, Manifest, find_cases, run_batch, shard, summary
+    from .batch.cases import BatchSettings, Manifest, find_cases, run_batch, shard, summary
     from .io.images import check_writable
 
     started, output_dir = time.perf_counter(), Path(args.output)
@@ -389,33 +346,6 @@ def _case_line(result, bar):
           flush=True)
 
 
-def _info(args):
-    from .models.folder import open_model_folder
-    from .models.table import network_text
-    folder = open_model_folder(_chosen_model(args), args.configuration)
-    c = folder.configuration
-    rows = [
-        ("Model", folder.name),
-        ("Folder", str(folder.path)),
-        ("Trainer", folder.trainer_name or "unknown"),
-        ("Channels", ", ".join(f"{i}: {n}" for i, n in enumerate(folder.channel_names))),
-        ("Labels", ", ".join(f"{v}: {n}" for v, n in folder.labels.output_segments())
-         + (" (regions)" if folder.labels.has_regions else "")),
-        ("Configurations", ", ".join(folder.plans.get("configurations", {})) or folder.configuration.name),
-        ("Configuration", c.name + (f" (refines {c.previous_stage})" if c.previous_stage else "")),
-        ("Folds", ", ".join(folder.available_folds("final")) or "none with checkpoint_final.pth"),
-        ("Folds (best)", ", ".join(folder.available_folds("best")) or "none"),
-        ("Network", network_text(c.architecture, folder.trainer_name or "")),
-        ("Patch size", " x ".join(str(p) for p in c.patch_size)),
-        ("Spacing", " x ".join(f"{s:g}" for s in c.spacing) + " mm"),
-        ("Normalization", ", ".join(c["normalization_schemes"])),
-        ("Postprocessing", "yes" if folder.postprocessing() else "none"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-
-
 def _finetune(args):
     from .models.versions import ModelVersions
     from .tasks import finetune_version
@@ -472,63 +402,6 @@ def _read_cases(image_specs, label_paths):
         labels = read_volume(label_path)
         cases.append(Case(Path(channels[0]).name, images, labels))
     return cases
-
-
-def _models_list(args):
-    from .models.home import installed
-    from .models.table import models_table
-    print(models_table(installed()))
-
-
-def _models_add(args):
-    from .models.home import add, listed_at, models_home
-    from .models.table import configurations_text
-    already = listed_at(args.path) if Path(args.path).is_dir() else None
-    if already is not None:
-        print(f"{args.path} is already listed, as {already.name} ({already.source}).")
-        return
-    model = add(args.path, args.name, link=args.link)
-    how = "registered where it is" if args.link else f"copied into {models_home()}" if Path(args.path).is_dir() \
-        else f"unpacked into {models_home()}"
-    print(f"Added {model.name} ({how}): {configurations_text(model)}. Use it with -m {model.name}.")
-
-
-def _models_remove(args):
-    from .models.home import REGISTERED, remove
-    model = remove(args.name)
-    if model.source == REGISTERED:
-        print(f"Forgot {model.name}; its folder {model.path} was left as it is.")
-    else:
-        print(f"Removed {model.name} and deleted its folder {model.path}.")
-
-
-def _versions(args):
-    from .models.versions import ModelVersions
-    versions = ModelVersions(_chosen_model(args), configuration=args.configuration)
-    print(f"Versions of {versions.name} ({versions.original}):")
-    for version in versions.list():
-        where = f"  {version.path}" if version.id != "original" else ""
-        print(f"{'*' if version.current else ' '} {version.summary()}{where}")
-
-
-def _use(args):
-    from .models.versions import ModelVersions
-    version = ModelVersions(_chosen_model(args), configuration=args.configuration).use(args.version_id)
-    print(f"Now using {version.summary()}.")
-
-
-def _rollback(args):
-    from .models.versions import ModelVersions
-    version = ModelVersions(_chosen_model(args), configuration=args.configuration).rollback()
-    print(f"Rolled back; now using {version.summary()}.")
-
-
-def _delete(args):
-    from .models.versions import ModelVersions
-    versions = ModelVersions(_chosen_model(args), configuration=args.configuration)
-    folder = versions.get(args.version_id).path
-    versions.delete(args.version_id)
-    print(f"Deleted {args.version_id} ({folder}); now using {versions.current().summary()}.")
 
 
 class _ProgressBar:

@@ -8,8 +8,9 @@ that format; it imports numpy only (never torch), because Slicer's process uses 
 """
 import json
 import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -67,3 +68,30 @@ def read_volume(folder, description: dict) -> Volume:
     return Volume(read_array(folder, description["file"]), description["spacing"], description["origin"],
                   description["direction"], name=str(description.get("name", "")),
                   metadata={str(k): str(v) for k, v in (description.get("metadata") or {}).items()})
+
+
+@dataclass
+class FinetuneSummary:
+    """What a fine-tune reports to the module: training/finetune.FinetuneResult's figures, without the weights."""
+    iterations: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    stopped: str = ""
+    frozen: List[str] = field(default_factory=list)
+    dice_before: dict = field(default_factory=dict)   # "training" -> label name -> Dice, and "mean"
+    dice_after: dict = field(default_factory=dict)
+    budget_s: Optional[float] = None                  # the time budget the run fitted (None: fixed iterations)
+    timing: dict = field(default_factory=dict)        # where the seconds went
+
+    @classmethod
+    def of(cls, result) -> "FinetuneSummary":
+        """The summary of a FinetuneResult (the worker's side)."""
+        return cls(**{f.name: getattr(result, f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_message(cls, message: dict) -> "FinetuneSummary":
+        """The summary in the worker's reply (the module's side); fields the reply lacks keep their defaults."""
+        return cls(**{f.name: message[f.name] for f in fields(cls) if f.name in message})
+
+    def message(self) -> dict:
+        return asdict(self)

@@ -4,7 +4,6 @@ One code path: `segment-mbtfe predict`, the Segment button, the console's `segme
 open a model's version, predict, write files and add fine-tuned versions through these functions, so a
 model behaves the same from a terminal and from Slicer.
 """
-from collections import OrderedDict
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -13,37 +12,10 @@ from .errors import SegmentError
 SEG_NRRD = ".seg.nrrd"
 
 
-class ModelCache:
-    """Loaded models by (folder, configuration, folds, checkpoint), the most recently used kept.
-
-    Loading reads every checkpoint and builds the network, so the worker keeps the models it used last: a
-    second Segment with the same model starts at once. Only a few are kept, because each holds its weights."""
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self._models = OrderedDict()
-        self.last_was_cached = False
-
-    def get(self, folder, configuration=None, folds=None, checkpoint: str = "final"):
-        from .inference.model import load_model
-        key = (str(Path(folder).resolve()), configuration, tuple(str(f) for f in folds or ()), checkpoint)
-        self.last_was_cached = key in self._models
-        if self.last_was_cached:
-            self._models.move_to_end(key)
-        else:
-            self._models[key] = load_model(folder, configuration, list(folds) if folds else None, checkpoint)
-            while len(self._models) > self.keep:
-                self._models.popitem(last=False)
-        return self._models[key]
-
-    def clear(self):
-        self._models.clear()
-
-
 def open_model(model_path, version: str = None, configuration: str = None, folds: Sequence = None,
-               checkpoint: str = "final", cache: ModelCache = None):
+               checkpoint: str = "final", cache=None):
     """(Model, Version): the model's chosen version (by default its current one), loaded."""
-    from .inference.model import load_model
+    from .inference.loading import load_model
     from .models.folder import CHECKPOINTS, checkpoint_filename
     from .models.versions import ORIGINAL, resolve
     folder, chosen = resolve(model_path, version, configuration=configuration)
@@ -60,20 +32,12 @@ def predict(model, version, volumes, device="auto", step_size: float = 0.5, tta:
     """model.predict, with the version recorded in the prediction's provenance when it is not the original.
     backend: what runs the network on the CPU: torch, openvino or auto (OpenVINO when installed; backends.py)."""
     from .inference.backends import use_backend
+    from .models.versions import with_version
     use_backend(model, backend)
     prediction = model.predict(volumes, device=device, step_size=step_size, tta=tta, probabilities=probabilities,
                                postprocess=postprocess, previous_stage=previous_stage, progress=progress,
                                cancel=cancel, uncertainty=uncertainty)
     return with_version(prediction, version)
-
-
-def with_version(prediction, version):
-    """The version recorded in the prediction's provenance (.seg.nrrd files, segmentation nodes) when it is
-    not the original."""
-    from .models.versions import ORIGINAL
-    if version is not None and version.id != ORIGINAL:
-        prediction.settings["version"] = version.id
-    return prediction
 
 
 def segment_files(model, version, cases: Sequence, output_dir, device="auto", step_size: float = 0.5,
@@ -87,7 +51,7 @@ def segment_files(model, version, cases: Sequence, output_dir, device="auto", st
     fails does not stop the others; when any failed, SomeCasesFailed is raised once all were tried, with
     the files written and each failed case's reason (its message is the reason itself for a single case).
     Existing outputs are replaced. Cancel stops at once (Cancelled); the cases written before it stay."""
-    from .batch.folder import FAILED, BatchSettings, Case, flag_name_clashes, run_batch
+    from .batch.cases import FAILED, BatchSettings, Case, flag_name_clashes, run_batch
     from .errors import SomeCasesFailed
     from .inference.backends import check_backend
     from .io.writers import output_extension

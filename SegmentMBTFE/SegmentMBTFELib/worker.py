@@ -99,7 +99,7 @@ def _exit_at_once(code: int) -> None:
 
 class Worker:
     def __init__(self, output, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
-        from .tasks import ModelCache
+        from .inference.loading import ModelCache
         self._output = output
         self._write = threading.Lock()
         self._requests = queue.Queue()
@@ -273,9 +273,7 @@ def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
     version, result = finetune_version(model, request["model"], cases, (), settings, progress, cancel,
                                        make_current=False, started=started)
     return {"version": version.id, "version_path": str(version.path), "parent": parent.id,
-            "iterations": result.iterations, "seconds": result.seconds, "device": result.device,
-            "stopped": result.stopped, "frozen": result.frozen, "dice_before": result.dice_before,
-            "dice_after": result.dice_after, "budget_s": result.budget_s, "timing": result.timing}
+            **exchange.FinetuneSummary.of(result).message()}
 
 
 COMMANDS = {"segment": _segment, "segment_files": _segment_files, "finetune": _finetune}

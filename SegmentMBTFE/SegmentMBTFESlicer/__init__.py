@@ -21,5 +21,5 @@ Around them
   terminology     loads the engine's terminology context into Slicer
   resources       where Resources/ is; selftest: the in-Slicer self-test's steps
 
-Nothing here imports torch: the engine runs in the worker process (see worker.py for why).
+Nothing here imports torch: the engine runs in the worker process (see worker_process.py for why).
 """

@@ -1,6 +1,6 @@
 """The panel's Fine-tune section: corrected segmentation in, new model version out, versions to choose from.
 
-    section = FinetuneSection(ui, segmentSection, logic, jobs)   # jobs: the panel's JobController
+    section = FinetuneSection(ui, segmentSection, jobController)   # the panel's JobController
     section.setup()
 
 It fine-tunes the model chosen in the Segment section's model selector, on the segmentation the user corrected (by
@@ -15,7 +15,6 @@ Qt calls are the ones that behave alike in PythonQt and PySide6 (see segment_pan
 """
 import logging
 import traceback
-from typing import Sequence, Tuple
 
 import qt
 
@@ -27,32 +26,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------- what the section shows
-
-def button_state(model, segmentation_node, volumes: Sequence, running: bool, problem: str = "") -> Tuple[bool, str]:
-    """(enabled, tooltip) of the Fine-tune button: the tooltip says what is missing when it is disabled."""
-    if running:
-        return False, "A segmentation or fine-tune is running: wait for it, or press Cancel."
-    if model is None:
-        return False, "Choose a model (or add a model folder) above."
-    if model.problem:
-        return False, model.problem
-    if segmentation_node is None:
-        return False, "Choose the corrected segmentation."
-    if not volumes or any(v is None for v in volumes):
-        return False, ("Choose the volume the segmentation was drawn on." if len(model.channels) < 2 else
-                       "Choose the input volume for every channel above.")
-    if problem:
-        return False, problem
-    return True, (f"Fine-tune {model.name} on {segmentation_node.GetName()}: a new version is written, "
-                  "the original stays as it is.")
-
-
-def progress_text(fraction: float, stage: str) -> str:
-    """'Fine-tuning: iteration 3/5, loss 0.412, about 4 s left (60%)'; a stage without a fraction as it is."""
-    if fraction < 0:
-        return stage
-    return f"Fine-tuning: {stage} ({int(round(100 * fraction))}%)" if stage else f"Fine-tuning ({int(100 * fraction)}%)"
-
 
 def result_text(run) -> str:
     """What the section shows after a run: Dice before -> after, per label, and what was left out."""
@@ -77,8 +50,8 @@ def version_text(version) -> str:
 # ------------------------------------------------------------------------------------------ the section
 
 class FinetuneSection:
-    def __init__(self, ui, segmentSection, logic_, jobs_):
-        self.ui, self.segment, self.logic, self.jobs = ui, segmentSection, logic_, jobs_
+    def __init__(self, ui, segmentSection, jobController):
+        self.ui, self.segment, self.jobController = ui, segmentSection, jobController
         self._versions = []              # versions.Version, in the list's order
         self._labels = {}                # model path -> (engine model name, [(value, label name)])
         self._observed = None, []        # (segmentation node, observer tags): segments added, removed, renamed
@@ -105,7 +78,7 @@ class FinetuneSection:
         ui.deleteVersionButton.clicked.connect(self.onDeleteVersion)
         self.segment.onModelChanged.append(self.modelChanged)
         self.segment.onSegmented.append(self.segmented)
-        self.jobs.subscribe(self.updateButtons)
+        self.jobController.subscribe(self.updateButtons)
         self.onSegmentationChanged(ui.finetuneSegmentationSelector.currentNode())
 
     def cleanup(self) -> None:
@@ -118,7 +91,7 @@ class FinetuneSection:
 
     @property
     def running(self) -> bool:
-        return self.jobs.kind == "fine-tune"
+        return self.jobController.kind == "fine-tune"
 
     # -- what to fine-tune ---------------------------------------------------------------------------------
     def modelChanged(self) -> None:
@@ -214,11 +187,13 @@ class FinetuneSection:
         return self._labels[path]
 
     def updateButtons(self) -> None:
-        enabled, toolTip = button_state(self.segment.currentModel(), self.ui.finetuneSegmentationSelector.currentNode(),
-                                        self.caseVolumes(), self.jobs.busy, self._matchProblem)
+        enabled, toolTip = panel.finetune_button_state(self.segment.currentModel(),
+                                                       self.ui.finetuneSegmentationSelector.currentNode(),
+                                                       self.caseVolumes(), self.jobController.busy, self._matchProblem)
         self.ui.finetuneButton.setEnabled(enabled)
         self.ui.finetuneButton.setToolTip(toolTip)
-        self.ui.finetuneCancelButton.setEnabled(self.running and self.jobs.job is not None and not self.jobs.cancelling)
+        self.ui.finetuneCancelButton.setEnabled(self.running and self.jobController.job is not None
+                                                and not self.jobController.cancelling)
         volumes = self.caseVolumes()
         self.ui.addFinetuneCaseButton.setEnabled(self.ui.finetuneSegmentationSelector.currentNode() is not None
                                                  and bool(volumes) and all(v is not None for v in volumes))
@@ -233,8 +208,9 @@ class FinetuneSection:
             return
         self.refreshCases()
         try:
-            self.jobs.start("fine-tune", lambda onProgress, onFinished: self._begin(model, onProgress, onFinished),
-                            self.onProgress, self.onFinished)
+            self.jobController.start("fine-tune",
+                                     lambda onProgress, onFinished: self._begin(model, onProgress, onFinished),
+                                     self.onProgress, self.onFinished)
         except jobs.Busy as refusal:  # another segmentation or fine-tune runs (panel or console)
             self.ui.finetuneStatusLabel.setText(str(refusal))
         except Exception as error:  # noqa: BLE001 - every failure ends in a message box, never silently
@@ -259,13 +235,13 @@ class FinetuneSection:
 
     def onCancelButton(self) -> None:
         if self.running:
-            self.jobs.cancel()
-            self.ui.finetuneStatusLabel.setText("Cancelling the package install..." if self.jobs.installing
+            self.jobController.cancel()
+            self.ui.finetuneStatusLabel.setText("Cancelling the package install..." if self.jobController.installing
                                                 else "Cancelling (stops after the current iteration)...")
 
     def onProgress(self, fraction: float, stage: str) -> None:
         panel.show_fraction(self.ui.finetuneProgressBar, fraction)
-        self.ui.finetuneStatusLabel.setText(progress_text(fraction, stage))
+        self.ui.finetuneStatusLabel.setText(panel.progress_text(fraction, stage, "Fine-tuning"))
 
     def onFinished(self, outcome) -> None:
         """The new version is written and current (or nothing was written)."""
@@ -317,7 +293,7 @@ class FinetuneSection:
     def updateVersionButtons(self) -> None:
         selected = self.selectedVersion()
         current = next((v for v in self._versions if v.current), None)
-        idle = not self.jobs.busy
+        idle = not self.jobController.busy
         self.ui.useVersionButton.setEnabled(idle and selected is not None and not selected.current
                                             and not selected.problem)
         self.ui.rollbackButton.setEnabled(idle and current is not None and not current.read_only)

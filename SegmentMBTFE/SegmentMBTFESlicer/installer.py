@@ -26,7 +26,7 @@ import qt
 import slicer
 
 from . import jobs
-from . import worker as workers
+from . import worker_process
 
 log = logging.getLogger(__name__)
 KILL_GRACE_MS = 2000   # a process that has not ended this long after Cancel is killed outright
@@ -70,7 +70,7 @@ class InstallJob:
                  on_finished: Callable[[jobs.Outcome], None] = None, python: str = None):
         self.steps = list(steps)
         self.folder = folder
-        self.python = python or workers.worker_python()
+        self.python = python or worker_process.worker_python()
         self._on_progress, self._on_finished = on_progress, on_finished
         self.process = self._ended_process = None
         self.pid = None            # the process running pip (behind the launcher, if any)

@@ -4,7 +4,7 @@
 
 The job owns a private folder where its input volumes were written (exchange.py) and where the worker
 writes results; the folder is removed when the job ends, however it ends. Messages from the worker arrive
-as Qt events on the main thread (worker.py): progress goes to on_progress(fraction, text); a result is
+as Qt events on the main thread (worker_process.py): progress goes to on_progress(fraction, text); a result is
 handed to settle(message, folder), which turns it into the job's result on the main thread (for Segment:
 segments written into the scene) unless the job was cancelled meanwhile (then discard(message) takes back
 what the worker made, e.g. a fine-tuned version); on_finished(outcome) is called
@@ -24,7 +24,7 @@ import slicer
 
 from SegmentMBTFELib import errors
 
-from . import worker as workers
+from . import worker_process
 
 log = logging.getLogger(__name__)
 CANCEL_GRACE_MS = 2000   # a worker that has not stopped this long after Cancel is killed
@@ -94,7 +94,7 @@ def error_from(message: dict) -> BaseException:
 class Job:
     def __init__(self, kind: str, request: dict, folder: Optional[str] = None,
                  settle: Callable[[dict, str], Any] = None, on_progress: Callable[[float, str], None] = None,
-                 on_finished: Callable[[Outcome], None] = None, worker: workers.WorkerProcess = None,
+                 on_finished: Callable[[Outcome], None] = None, worker: worker_process.WorkerProcess = None,
                  claimed: bool = True, discard: Callable[[dict], None] = None):
         self.kind = kind
         self.request = request
@@ -103,7 +103,7 @@ class Job:
         self._on_progress = on_progress
         self._on_finished = on_finished
         self._discard = discard     # undoes a result that arrives after Cancel (a version written meanwhile)
-        self.worker = worker or workers.shared()
+        self.worker = worker or worker_process.shared()
         self._claimed = claimed     # release the busy flag when done
         self.id = None
         self.outcome = None
@@ -158,7 +158,7 @@ class Job:
                 raise TimeoutError(f"the {self.kind} did not finish in time")
         return self.outcome
 
-    # -- from the worker (main thread, through worker.py) --------------------------------------------------
+    # -- from the worker (main thread, through worker_process.py) --------------------------------------------------
     def receive(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "progress":

@@ -115,9 +115,8 @@ def start_finetune(plan: runner.FinetunePlan, settings: dict, make_current: bool
     def settle(message: dict, folder: str):
         versions = ModelVersions(plan.model_path)
         version = versions.use(message["version"]) if make_current else versions.get(message["version"])
-        fields = {k: message[k] for k in runner.FinetuneResult.__dataclass_fields__ if k in message}
-        run = runner.FinetuneRun(version, runner.FinetuneResult(**fields), str(message.get("parent", "")),
-                                 plan.report())
+        run = runner.FinetuneRun(version, exchange.FinetuneSummary.from_message(message),
+                                 str(message.get("parent", "")), plan.report())
         log.info("SegmentMBTFE: %s of %s written to %s (%s)", version.id, plan.model_name, version.path,
                  run.dice_text())
         return run

@@ -8,21 +8,44 @@ from .catalog import ModelInfo
 log = logging.getLogger(__name__)
 
 
-def button_state(model: Optional[ModelInfo], inputs: Sequence, running: bool,
-                 folds_problem: str = "") -> Tuple[bool, str]:
+def segment_button_state(model: Optional[ModelInfo], inputs: Sequence, running: bool,
+                         folds_problem: str = "") -> Tuple[bool, str]:
     """(enabled, tooltip) of the Segment button: the tooltip says what is missing when it is disabled."""
-    if running:
-        return False, "A segmentation or fine-tune is running: wait for it, or press Cancel."
-    if model is None:
-        return False, "Choose a model (or add a model folder)."
-    if model.problem:
-        return False, model.problem
+    unavailable = _model_unavailable(model, running, "Choose a model (or add a model folder).")
+    if unavailable:
+        return False, unavailable
     missing = [channel for channel, node in zip(model.channels, inputs) if node is None]
     if missing or len(inputs) < len(model.channels):
         return False, "Choose the input volume for: " + ", ".join(missing or model.channels[len(inputs):]) + "."
     if folds_problem:
         return False, folds_problem
     return True, f"Segment {', '.join(model.labels)} with {model.name}."
+
+
+def finetune_button_state(model: Optional[ModelInfo], segmentation_node, volumes: Sequence, running: bool,
+                          problem: str = "") -> Tuple[bool, str]:
+    """(enabled, tooltip) of the Fine-tune button: the tooltip says what is missing when it is disabled."""
+    unavailable = _model_unavailable(model, running, "Choose a model (or add a model folder) above.")
+    if unavailable:
+        return False, unavailable
+    if segmentation_node is None:
+        return False, "Choose the corrected segmentation."
+    if not volumes or any(v is None for v in volumes):
+        return False, ("Choose the volume the segmentation was drawn on." if len(model.channels) < 2 else
+                       "Choose the input volume for every channel above.")
+    if problem:
+        return False, problem
+    return True, (f"Fine-tune {model.name} on {segmentation_node.GetName()}: a new version is written, "
+                  "the original stays as it is.")
+
+
+def _model_unavailable(model: Optional[ModelInfo], running: bool, choose_model: str) -> str:
+    """Why neither button can start now (a job running, no model, an unusable one), or ''."""
+    if running:
+        return "A segmentation or fine-tune is running: wait for it, or press Cancel."
+    if model is None:
+        return choose_model
+    return model.problem or ""
 
 
 def parse_folds(text: str, available: Sequence[str]) -> Tuple[Optional[List[str]], str]:
@@ -36,11 +59,12 @@ def parse_folds(text: str, available: Sequence[str]) -> Tuple[Optional[List[str]
     return wanted, ""
 
 
-def progress_text(fraction: float, stage: str) -> str:
-    """'Segmenting: tile 3 of 27 (45%)'; a stage without a fraction (a package install's) as it is."""
+def progress_text(fraction: float, stage: str, doing: str = "Segmenting") -> str:
+    """'Segmenting: tile 3 of 27 (45%)', 'Fine-tuning: iteration 3/5, loss 0.412, about 4 s left (60%)'; a stage
+    without a fraction (a package install's) as it is."""
     if fraction < 0:
         return stage
-    return f"Segmenting: {stage} ({int(round(100 * fraction))}%)" if stage else f"Segmenting ({int(100 * fraction)}%)"
+    return f"{doing}: {stage} ({int(round(100 * fraction))}%)" if stage else f"{doing} ({int(100 * fraction)}%)"
 
 
 def show_fraction(bar, fraction: float) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 
 import slicer
 
+from SegmentMBTFELib.exchange import FinetuneSummary
+
 from . import catalog, corrections, segmentation, terminology
 from .volumes import Geometry, geometry_of, same_grid, volume_from_node
 
@@ -185,25 +187,11 @@ class FinetunePlan:
 
 
 @dataclass
-class FinetuneResult:
-    """What the worker's fine-tune reported (the engine's FinetuneResult, without the weights)."""
-    iterations: int = 0
-    seconds: float = 0.0
-    device: str = ""
-    stopped: str = ""
-    frozen: List[str] = field(default_factory=list)
-    dice_before: dict = field(default_factory=dict)   # "training" -> label name -> Dice, and "mean"
-    dice_after: dict = field(default_factory=dict)
-    budget_s: Optional[float] = None                  # the time budget the run fitted (None: fixed iterations)
-    timing: dict = field(default_factory=dict)        # where the seconds went
-
-
-@dataclass
 class FinetuneRun:
     """A finished fine-tune: the version written, its result (Dice before and after) and the version it
     started from."""
     version: object             # versions.Version
-    result: FinetuneResult
+    result: FinetuneSummary
     parent: str
     report: str = ""            # unmatched segments and notes of the corrected cases
 

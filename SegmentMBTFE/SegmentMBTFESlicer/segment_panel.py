@@ -1,7 +1,7 @@
 """The panel's Segment section: model, input volumes (one per model channel), output, advanced settings, the
 Segment and Cancel buttons, progress.
 
-    section = SegmentSection(ui, logic, jobs)   # ui: the module's .ui widgets; jobs: the panel's JobController
+    section = SegmentSection(ui, jobController)   # ui: the module's .ui widgets; the panel's JobController
     section.setup(); section.setParameterNode(parameterNode)
 
 The run is a job for the worker process (logic.py): the panel stays responsive, shows the stage and tile,
@@ -31,8 +31,8 @@ DEVICES = (("Auto (GPU when available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU"
 
 
 class SegmentSection:
-    def __init__(self, ui, logic_, jobs):
-        self.ui, self.logic, self.jobs = ui, logic_, jobs
+    def __init__(self, ui, jobController):
+        self.ui, self.jobController = ui, jobController
         self._parameterNode = None   # the module's parameterNodeWrapper
         self._models = []            # catalog.ModelInfo, in the model selector's order
         self._channelSelectors = []  # one qMRMLNodeComboBox per model channel
@@ -57,7 +57,7 @@ class SegmentSection:
         ui.uncertaintyCheckBox.toggled.connect(self.onSettingChanged)
         ui.segmentButton.clicked.connect(self.onSegmentButton)
         ui.cancelButton.clicked.connect(self.onCancelButton)
-        self.jobs.subscribe(self.updateButtonState)
+        self.jobController.subscribe(self.updateButtonState)
 
     # -- parameter node ------------------------------------------------------------------------------------
     def setParameterNode(self, parameterNode) -> None:
@@ -238,11 +238,11 @@ class SegmentSection:
     def updateButtonState(self) -> None:
         model = self.currentModel()
         _folds, foldsProblem = panel.parse_folds(self.ui.foldsLineEdit.property("text"), model.folds if model else [])
-        enabled, toolTip = panel.button_state(model, self.inputVolumes(), self.jobs.busy, foldsProblem)
+        enabled, toolTip = panel.segment_button_state(model, self.inputVolumes(), self.jobController.busy, foldsProblem)
         self.ui.segmentButton.setEnabled(enabled)
         self.ui.segmentButton.setToolTip(toolTip)
-        segmenting = self.jobs.kind == "segmentation" and self.jobs.job is not None
-        self.ui.cancelButton.setEnabled(segmenting and not self.jobs.cancelling)
+        segmenting = self.jobController.kind == "segmentation" and self.jobController.job is not None
+        self.ui.cancelButton.setEnabled(segmenting and not self.jobController.cancelling)
 
     # -- running -----------------------------------------------------------------------------------------------
     def onSegmentButton(self) -> None:
@@ -250,8 +250,9 @@ class SegmentSection:
         if model is None:
             return
         try:
-            self.jobs.start("segmentation", lambda onProgress, onFinished: self._begin(model, onProgress, onFinished),
-                            self.onProgress, self.onFinished)
+            self.jobController.start("segmentation",
+                                     lambda onProgress, onFinished: self._begin(model, onProgress, onFinished),
+                                     self.onProgress, self.onFinished)
         except jobs.Busy as refusal:  # another segmentation or fine-tune runs (panel or console)
             self.ui.statusLabel.setText(str(refusal))
         except Exception as error:  # noqa: BLE001 - every failure ends in a message, never silently
@@ -276,9 +277,9 @@ class SegmentSection:
                                         claimed=True)
 
     def onCancelButton(self) -> None:
-        if self.jobs.kind == "segmentation":
-            self.jobs.cancel()
-            self.ui.statusLabel.setText(_("Cancelling the package install...") if self.jobs.installing
+        if self.jobController.kind == "segmentation":
+            self.jobController.cancel()
+            self.ui.statusLabel.setText(_("Cancelling the package install...") if self.jobController.installing
                                         else _("Cancelling (stops after the current tile)..."))
 
     def onProgress(self, fraction: float, stage: str) -> None:

@@ -4,7 +4,8 @@ They need no download: Resources/SelfTest holds a tiny, untrained nnU-Net v2 mod
 plans.json, fold_0/checkpoint_final.pth, written by Testing/model_factory.py) and the image is synthetic.
 The model's output means nothing anatomically, but it takes the path a trained model takes: the worker
 process, the segments in the scene, fine-tuning and versions. Each step is a function of the running
-unittest.TestCase; its docstring is what the test shows.
+unittest.TestCase (SegmentMBTFETest, whose logic() gives a fresh console API); its docstring is what the test
+shows.
 """
 import os
 import tempfile
@@ -50,14 +51,9 @@ def _volume():
     return volume
 
 
-def _logic():
-    import SegmentMBTFE
-    return SegmentMBTFE.SegmentMBTFELogic()
-
-
 def console_segment_matches_batch(test):
     """Console API: segment() puts the same labels into named segments as segmentFiles() writes to a file"""
-    logic, volume = _logic(), _volume()
+    logic, volume = test.logic(), _volume()
     node = logic.segment(volume, model=str(model_folder()), tta=False, show3D=False)
     with tempfile.TemporaryDirectory(prefix="SegmentMBTFETest-") as folder:  # a self-test leaves no files
         image = os.path.join(folder, "SelfTestVolume.nrrd")
@@ -106,7 +102,7 @@ def panel_keeps_user_segments(test):
 def cancel_leaves_scene_unchanged(test):
     """Cancel: nothing is written"""
     from SegmentMBTFELib.errors import Cancelled
-    logic, volume = _logic(), _volume()
+    logic, volume = test.logic(), _volume()
     before = slicer.mrmlScene.GetNumberOfNodes()
     cancel = threading.Event()
     cancel.set()
@@ -117,7 +113,7 @@ def cancel_leaves_scene_unchanged(test):
 
 def finetune_writes_a_new_version(test):
     """Fine-tune: corrected segments make a new current version; the original and the segments stay"""
-    logic, volume = _logic(), _volume()
+    logic, volume = test.logic(), _volume()
     folder = model_folder()
     node = logic.segment(volume, model=str(folder), tta=False, show3D=False)
     labels, ids = test_labels(), {}

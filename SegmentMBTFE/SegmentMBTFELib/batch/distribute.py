@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import Cancelled, InputError, SegmentError
-from .folder import FAILED, BatchSettings, Case, CaseResult, run_batch, settled_result, shard
+from .cases import FAILED, BatchSettings, Case, CaseResult, run_batch, settled_result, shard
 
 DASK_INSTALL = "--dask needs the distributed package: pip install 'SegmentMBTFE[dask]' (or pip install distributed)."
 
@@ -128,7 +128,7 @@ def run_processes(devices: Sequence[str], spec: ModelSpec, model, cases: Sequenc
         part = shard(indexed, len(devices), k + 1)
         if part:
             name = f"worker {k + 1} of {len(devices)} ({device})"
-            workers.append(_WorkerProcess(name, device, part, spec, output_dir, settings, threads))
+            workers.append(_PartProcess(name, device, part, spec, output_dir, settings, threads))
     replies: "queue.Queue" = queue.Queue()
     try:
         for worker in workers:
@@ -152,8 +152,9 @@ def run_processes(devices: Sequence[str], spec: ModelSpec, model, cases: Sequenc
     return collector.close()
 
 
-class _WorkerProcess:
-    """One worker process: its cases go in on stdin (JSON), results come out one JSON line each."""
+class _PartProcess:
+    """One worker process of a batch, with its part of the cases: they go in on stdin (JSON), results come out
+    one JSON line each."""
 
     def __init__(self, name: str, device: str, part, spec: ModelSpec, output_dir, settings: BatchSettings,
                  threads: int):
@@ -256,13 +257,13 @@ def _interrupt(signum, frame):
 
 # ------------------------------------------------------------------------------------------------------ Dask
 
-_MODELS = None        # this Dask worker process's loaded model (tasks.ModelCache)
+_MODELS = None        # this Dask worker process's loaded model (inference/loading.ModelCache)
 _COUNTS = {"model loads": 0, "cases": 0}   # what this process did: one load per model, however many cases
 _ONE_CASE = threading.Lock()   # a Model runs one case at a time (its network holds one fold's weights)
 
 
 def _load(spec: ModelSpec):
-    from ..tasks import ModelCache
+    from ..inference.loading import ModelCache
     global _MODELS
     if _MODELS is None:
         _MODELS = ModelCache(keep=1)

@@ -9,7 +9,7 @@ then differ from float64 by up to 0.17 in the logits where torch stays within 3e
 through the nearly untrained 25-label benchmark model that changed 1% of the labels.
 
 The network is the one torch built and loaded: `openvino.convert_model` traces it with an example batch of
-tiles, once per fold's weights. The converted network is kept with the loaded model (tasks.ModelCache keeps
+tiles, once per fold's weights. The converted network is kept with the loaded model (loading.ModelCache keeps
 models, so the Slicer worker converts once) and saved under the versions home's cache/openvino/, so a fresh
 command reads it in a fraction of a second instead of converting again. The GPU always runs torch.
 

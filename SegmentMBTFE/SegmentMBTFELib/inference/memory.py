@@ -1,91 +1,14 @@
-"""How much memory a job would need, and refusing it with that figure before allocating, not after.
+"""How much memory a prediction would need, estimated from the plans' plain numbers before allocating.
 
-A model folder or an image header can ask for absurd sizes (a patch of 10,000 voxels a side, a network of
-a million features, an image of 100,000 slices). Allocating first would end in the operating system
-killing the process (no message at all) or in a machine that swaps for an hour; so the size is estimated
-from the plain numbers first and a job that cannot fit is refused with what it would need and what there is.
-The estimates are upper bounds of the big arrays only; they refuse the impossible, not the merely large.
+A model folder can ask for absurd sizes (a patch of 10,000 voxels a side, a network of a million features):
+allocating first would end in the operating system killing the process (no message at all) or in a machine
+that swaps for an hour; so the size is estimated first and free_memory.refuse_unless_it_fits refuses a job that
+cannot fit with what it would need and what there is. The estimates are upper bounds of the big arrays only;
+they refuse the impossible, not the merely large.
 """
-import os
-import sys
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
-
-from ..errors import OutOfMemory
-
-GB = 1 << 30
-
-
-def available_bytes() -> Optional[int]:
-    """Memory this process can still get (free RAM + free swap, within a container's limit); None when
-    the system does not say."""
-    if sys.platform.startswith("linux"):
-        return _linux_available()
-    if sys.platform == "win32":
-        return _windows_available()
-    try:  # macOS and other POSIX systems: physical memory, as the best figure they give
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _linux_available() -> Optional[int]:
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        free = (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    limit = _cgroup_room()
-    return min(free, limit) if limit is not None else free
-
-
-def _cgroup_room() -> Optional[int]:
-    """What a container's memory limit still allows (cgroup v2, then v1), or None without a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            if limit == "max" or int(limit) >= 1 << 60:
-                return None
-            return max(0, int(limit) - int(Path(usage_file).read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def _windows_available() -> Optional[int]:
-    import ctypes
-
-    class MemoryStatus(ctypes.Structure):
-        _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong), ("total", ctypes.c_ulonglong),
-                    ("available", ctypes.c_ulonglong), ("total_page", ctypes.c_ulonglong),
-                    ("available_page", ctypes.c_ulonglong), ("total_virtual", ctypes.c_ulonglong),
-                    ("available_virtual", ctypes.c_ulonglong), ("extended", ctypes.c_ulonglong)]
-
-    status = MemoryStatus()
-    status.length = ctypes.sizeof(MemoryStatus)
-    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
-        return None
-    return int(status.available_page)
-
-
-def size_text(count: float) -> str:
-    """Bytes in words: '512 MB', '3.2 GB', '4.1 TB'."""
-    for unit, size in (("TB", 1 << 40), ("GB", GB), ("MB", 1 << 20)):
-        if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return f"{max(count, 0) / 1024:.3g} kB"
-
-
-def refuse_unless_it_fits(needed: float, what: str, advice: str):
-    """OutOfMemory('<what> would need about X, but only Y of memory is available; <advice>.') when it cannot fit."""
-    available = available_bytes()
-    if available is not None and needed > available:
-        raise OutOfMemory(f"{what} would need about {size_text(needed)}, but only {size_text(available)} of "
-                          f"memory is available; {advice}.")
 
 
 # ------------------------------------------------------------------------------------------- estimates

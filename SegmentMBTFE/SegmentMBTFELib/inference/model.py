@@ -1,6 +1,6 @@
 """A loaded model and its prediction: the one entry point the CLI, the Slicer module and fine-tuning share.
 
-    model = load_model("Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres", folds=None)
+    model = load_model("Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres", folds=None)  # loading.py
     prediction = model.predict([volume], device="auto", tta=True, progress=print_progress)
     prediction.labels  # a Volume in the input's geometry
 
@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError, ModelError, OutOfMemory
+from ..free_memory import refuse_unless_it_fits
 from ..io.images import geometry_difference
 from ..models.checkpoint import load_checkpoint, load_weights, weights_mismatch
 from ..models.folder import ModelFolder, checkpoint_filename
@@ -32,7 +33,7 @@ from .channels_last import channels_last
 from .devices import choose_device, device_plans, is_out_of_memory, release_memory
 from .export import export, export_map
 from .heap import reusing_memory
-from .memory import network_bytes, prediction_bytes, refuse_unless_it_fits
+from .memory import network_bytes, prediction_bytes
 from .postprocessing import apply_postprocessing
 from .preprocessing import preprocess, resampling_kwargs
 from .resampling import compute_new_shape
@@ -72,7 +73,7 @@ class CaseInProgress:
 
 class Model:
     """An nnU-Net v2 (or MBTFE-UNet) model folder with its selected folds' weights loaded."""
-    # The steps nnU-Net v1 computes differently; nnunet_v1.V1Model replaces them (and _read_checkpoint).
+    # The steps nnU-Net v1 computes differently; v1_model.V1Model replaces them (and _read_checkpoint).
     _preprocess = staticmethod(preprocess)
     _sliding_window = staticmethod(predict_logits)
     _export = staticmethod(export)
@@ -446,12 +447,3 @@ def _spacing_zyx(volume: Volume):
     if volume.array.ndim == 2 or volume.metadata.get("dimension") == "2":
         return (999.0 * max(volume.spacing[:2]), volume.spacing[1], volume.spacing[0])
     return tuple(volume.spacing[::-1])
-
-
-def load_model(path, configuration: str = None, folds: Sequence = None, checkpoint: str = "final") -> Model:
-    """Load an nnU-Net v2 model folder (trained configuration folder, or the dataset folder above it), or an
-    nnU-Net v1 one (nnunet_v1.py)."""
-    from ..models.nnunet_v1 import is_v1_folder, load_v1_model
-    if is_v1_folder(path):
-        return load_v1_model(path, configuration, folds, checkpoint)
-    return Model(ModelFolder(path, configuration), folds, checkpoint)

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..volume import DICOM_SOURCE_FILES, Volume
 from .dicom_geometry import regularize, slice_order
-from .images import check_pixels_are_scalar, image_as_3d, image_extension, image_to_volume, quiet_itk
+from .sitk_volume import check_pixels_are_scalar, image_as_3d, image_extension, image_to_volume, quiet_itk
 
 # DICOM objects that hold no image to segment (segmentations, structure sets, reports, ...).
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"}

@@ -25,12 +25,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError, SegmentError
-from ..inference.memory import refuse_unless_it_fits
+from ..free_memory import refuse_unless_it_fits
 from ..volume import FILE_DIMENSION, Volume
 from . import nifti
+from .sitk_volume import check_pixels_are_scalar, image_as_3d, image_extension, image_to_volume, quiet_itk
 
-# Longest first, so that ".nii.gz" wins over ".nii" and ".gz".
-SUPPORTED_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Header-plus-data pairs (.nhdr, .mhd) cannot be replaced atomically, so only single files are written.
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -40,12 +39,6 @@ _SUPPORTED_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, 
 
 
 # ----------------------------------------------------------------------------------------------- reading
-
-def image_extension(path) -> Optional[str]:
-    """The supported extension `path` ends with (lower case), or None."""
-    name = Path(path).name.lower()
-    return next((ext for ext in SUPPORTED_EXTENSIONS if name.endswith(ext)), None)
-
 
 def is_dicom_folder(path) -> bool:
     """True when `path` is a folder holding at least one DICOM series (files directly inside it)."""
@@ -151,12 +144,6 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def check_pixels_are_scalar(components: int, what: str):
-    if components != 1:
-        raise InputError(f"{what} has {components} values per voxel (a colour or vector image); "
-                         "give each channel as its own single-valued image.")
-
-
 def _check_geometry(spacing, direction, what: str):
     """A positive spacing and a usable orientation (ITK refuses a zero spacing only once it reads the
     voxels, with a message about its own internals)."""
@@ -253,30 +240,6 @@ def _gzip_holds_at_least(path: Path, expected: int) -> bool:
     return total >= expected
 
 
-def image_as_3d(image: sitk.Image, what: str) -> sitk.Image:
-    """A 3D image; 2D becomes one slice, 4D with a single time point its 3D volume, anything else refused."""
-    dimension = image.GetDimension()
-    if dimension == 4 and image.GetSize()[3] == 1:
-        return image[:, :, :, 0]
-    if dimension == 4:
-        raise InputError(f"{what} is a 4D image with {image.GetSize()[3]} volumes; give each channel as "
-                         "its own 3D image.")
-    if dimension == 2:
-        return sitk.JoinSeries(image)  # spacing 1.0, origin 0 and identity along the new z axis (see volume_to_image)
-    if dimension != 3:
-        raise InputError(f"{what} is a {dimension}D image; only 2D and 3D images can be segmented.")
-    return image
-
-
-def image_to_volume(image: sitk.Image, name: str = "", metadata: dict = None) -> Volume:
-    """A Volume holding a copy of a 3D SimpleITK image's voxels and its geometry."""
-    array = sitk.GetArrayFromImage(image)
-    metadata = dict(metadata or {})
-    metadata["dimension"] = "2" if array.shape[0] == 1 else "3"
-    metadata["pixel_type"] = str(array.dtype)
-    return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), name, metadata)
-
-
 def _name_without_extension(path: Path) -> str:
     extension = image_extension(path) or path.suffix
     return path.name[: len(path.name) - len(extension)]
@@ -288,19 +251,6 @@ def _size_text(volume: Volume) -> str:
 
 def _vector_text(values) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
-
-
-# ------------------------------------------------------------------------------------------- ITK output
-
-@contextmanager
-def quiet_itk():
-    """ITK's warnings off: they go straight to stderr, in ITK's words, around the one line the user gets."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -26,7 +26,8 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..volume import Volume, label_dtype
 from .colors import segment_colors
-from .images import atomic_output, check_fits_in_memory, image_to_volume, quiet_itk, volume_to_image, write_image
+from .images import atomic_output, check_fits_in_memory, volume_to_image, write_image
+from .sitk_volume import image_to_volume, quiet_itk
 
 METADATA_PREFIX = "SegmentMBTFE_"
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -41,7 +41,7 @@ def _numpy_globals():
 
 def load_checkpoint(path, weights_key: str = "network_weights", kind: str = "an nnU-Net v2 checkpoint") -> dict:
     """The checkpoint's dict, loaded as data only. Raises ModelError with one line on any problem.
-    nnU-Net v1's `.model` files hold their weights under `state_dict` (nnunet_v1.py passes that key)."""
+    nnU-Net v1's `.model` files hold their weights under `state_dict` (inference/v1_model.py passes that key)."""
     path = Path(path)
     if too_old("torch", torch.__version__):
         raise ModelError(f"torch {torch.__version__} is too old for SegmentMBTFE: it needs torch {MINIMUM['torch']} "

@@ -313,7 +313,7 @@ class ModelFolder:
 
     def postprocessing(self) -> Optional[dict]:
         """nnU-Net's postprocessing.json from cross-validation, when the folder has one (the .pkl is never read)."""
-        from ..inference.postprocessing import postprocessing_steps
+        from .postprocessing_recipe import postprocessing_steps
         for candidate in sorted(self.path.glob("crossval_results_folds_*/postprocessing.json")):
             recipe = read_json(candidate)
             postprocessing_steps(recipe)  # checked now, not after minutes of work
@@ -327,15 +327,6 @@ class ModelFolder:
         if "3d_fullres" in names:
             return "3d_fullres"
         raise ModelError(f"Say which configuration to use: {', '.join(names)}.")
-
-
-def open_model_folder(path, configuration: Optional[str] = None):
-    """The model folder at `path`: a ModelFolder, or for nnU-Net v1 folders a V1ModelFolder (nnunet_v1.py),
-    which has the same interface."""
-    from .nnunet_v1 import V1ModelFolder, is_v1_folder
-    if is_v1_folder(path):
-        return V1ModelFolder(path, configuration)
-    return ModelFolder(path, configuration)
 
 
 def _channel_number(key) -> int:

@@ -28,8 +28,9 @@ from typing import List, Optional
 
 from ..errors import ModelError
 from . import zips as model_zips
-from .folder import find_trained_folder, network_title, open_model_folder
+from .folder import find_trained_folder, network_title
 from .nnunet_v1 import is_v1_folder, is_v1_trained_folder, v1_trained_folders
+from .opening import open_model_folder
 from .shipped import shipped_models
 from .versions import versions_home
 

@@ -17,34 +17,32 @@ plans.json and `fold_N/checkpoint_final.pth`, loadable here and by nnU-Net's own
 
 No torch at module level: the Slicer panel lists versions before PyTorch is installed.
 """
-import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import sys
-import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..errors import Cancelled, ModelError
-from .folder import CHECKPOINTS, find_trained_folder
 from .shipped import is_shipped
+from .version_store import (CHECKPOINT, HOLDER_FILE, ORIGINAL, VERSION_FILE, VERSION_ID, Unidentified,
+                            check_version_folder, family_name, family_sha256, file_sha256, holder, locked,
+                            read_registry, read_version_file, remove_leftovers, trained_folder, version_root,
+                            writable_folder, write_json)
 
-VERSION_FILE = "version.json"
 REGISTRY_FILE = "versions.json"
-ORIGINAL = "original"
-_CHECKPOINT = CHECKPOINTS["final"]
-_FOLD = re.compile(r"^fold_(\d+|all)$")
-_VERSION_ID = re.compile(r"^v(\d+)$")
-_LOCK_STALE_S = 300
-_HOLDER_FILE = ".holder.json"   # in a version being written: which program writes it
-_FAMILY_KEY = re.compile(r"^[A-Za-z0-9_.-]{0,80}-[0-9a-f]{12}$")
+
+
+def with_version(prediction, version):
+    """The version recorded in the prediction's provenance (.seg.nrrd files, segmentation nodes) when it is
+    not the original."""
+    if version is not None and version.id != ORIGINAL:
+        prediction.settings["version"] = version.id
+    return prediction
 
 
 def versions_home() -> Path:
@@ -97,12 +95,12 @@ class ModelVersions:
     def __init__(self, model_path, home=None, configuration: Optional[str] = None):
         self.home = Path(home).expanduser() if home is not None else versions_home()
         path = Path(model_path).expanduser()
-        root = _version_root(path)
+        root = version_root(path)
         self.opened: Optional[str] = None      # the version id when a version folder was opened
         self._opened_record: Optional[dict] = None
         self._opened_root: Optional[Path] = None
         if root is not None:
-            record = _read_version_file(root)
+            record = read_version_file(root)
             self.key = record["family"]
             self.family_dir = self.home / "versions" / self.key
             self.original = Path(record["original"])
@@ -110,13 +108,13 @@ class ModelVersions:
             self.original = Path(original)
             self.opened, self._opened_record, self._opened_root = record["id"], record, root.resolve()
         else:
-            self.original = _trained_folder(path, configuration).resolve()
-            sha = _family_sha256(self.original, self.home)[:12]
+            self.original = trained_folder(path, configuration).resolve()
+            sha = family_sha256(self.original, self.home)[:12]
             # the checksum is the identity, the name only makes the folder readable: a model copied or
             # renamed since its versions were made still finds them
             known = sorted(self.home.glob(f"versions/*-{sha}/{REGISTRY_FILE}")) if (self.home / "versions").is_dir() \
                 else []
-            self.key = known[0].parent.name if known else f"{_safe_name(self.original)}-{sha}"
+            self.key = known[0].parent.name if known else f"{family_name(self.original)}-{sha}"
             self.family_dir = self.home / "versions" / self.key
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -133,7 +131,7 @@ class ModelVersions:
         entries = sorted(_live(registry), key=lambda e: _number(e["id"]))  # ids grow with creation
         for entry in entries:
             path = self._entry_path(entry)
-            record, problem = self._check(path, entry["id"])
+            record, problem = check_version_folder(path, entry["id"], self.key)
             found.append(Version(entry["id"], path, entry.get("parent"), entry.get("created", ""),
                                  entry["id"] == current, False, problem, record))
         return found
@@ -146,7 +144,7 @@ class ModelVersions:
             if version.id == id:
                 return version
         if self.opened == id and self._opened_record is not None:  # a version folder not in this registry
-            record, problem = self._check(self._opened_root, id)
+            record, problem = check_version_folder(self._opened_root, id, self.key)
             parent = (self._opened_record.get("parent") or {}).get("id")
             return Version(id, self._opened_root, parent, self._opened_record.get("created", ""), False, False,
                            problem, record)
@@ -166,7 +164,7 @@ class ModelVersions:
         version = self.get(id)
         if version.problem:
             raise ModelError(f"Cannot use {version.id} of {self.name}: {version.problem}.")
-        with self._locked():
+        with locked(self.family_dir, self.name):
             registry = self._read_registry(missing_ok=True)
             if id != ORIGINAL and id not in {e["id"] for e in _live(registry)}:
                 registry["versions"].append(self._entry(id, version.path, version.parent, version.created))
@@ -193,7 +191,7 @@ class ModelVersions:
         version = self.get(id)
         if self._is_protected(version.path):
             raise ModelError(f"Refusing to delete {version.path}: it is the original model or a shipped model.")
-        with self._locked():
+        with locked(self.family_dir, self.name):
             registry = self._read_registry(missing_ok=True)
             if id not in {e["id"] for e in _live(registry)}:  # an unregistered folder opened directly
                 registry["versions"].append(self._entry(id, version.path, version.parent, version.created))
@@ -254,21 +252,21 @@ class ModelVersions:
         explicit = target is not None
         number = self._next_number(self._read_registry(missing_ok=True))
         path = self.check_target(target) if explicit else self.family_dir / f"v{number}"
-        _writable_folder(path.parent, self.name)
-        self._remove_leftovers()
+        writable_folder(path.parent, self.name)
+        remove_leftovers(self.family_dir)
         partial = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
             partial.mkdir()
-            _write_json(partial / _HOLDER_FILE, _holder())  # lets a later run remove it if this one dies
+            write_json(partial / HOLDER_FILE, holder())  # lets a later run remove it if this one dies
             record = self._write_folder(partial, model, result, folds, f"v{number}", parent, cancel)
             _check_cancel(cancel)
-            with self._locked():
+            with locked(self.family_dir, self.name):
                 registry = self._read_registry(missing_ok=True)
                 taken = {e["id"] for e in registry["versions"]}
                 if record["id"] in taken or (not explicit and path.exists()):  # another program was quicker
                     number = self._next_number(registry)
                     record["id"] = f"v{number}"
-                    _write_json(partial / VERSION_FILE, record)
+                    write_json(partial / VERSION_FILE, record)
                     if not explicit:
                         path = self.family_dir / record["id"]
                 if path.exists():
@@ -276,7 +274,7 @@ class ModelVersions:
                         raise ModelError(f"The output folder {path} was filled while the version was written; "
                                          f"nothing was written.")
                     path.rmdir()
-                (partial / _HOLDER_FILE).unlink()
+                (partial / HOLDER_FILE).unlink()
                 os.replace(partial, path)
                 try:
                     registry["versions"].append(self._entry(record["id"], path, parent, record["created"]))
@@ -310,10 +308,10 @@ class ModelVersions:
             _check_cancel(cancel)
             checkpoint = dict(model.checkpoint_entries[model.folds.index(fold)])
             checkpoint["network_weights"] = result.weights[fold]
-            relative = f"{trained_name}/fold_{fold}/{_CHECKPOINT}"
+            relative = f"{trained_name}/fold_{fold}/{CHECKPOINT}"
             (folder / relative).parent.mkdir()
             torch.save(checkpoint, folder / relative)
-            checksums[relative] = _file_sha256(folder / relative)
+            checksums[relative] = file_sha256(folder / relative)
         record = {
             "id": id, "family": self.key, "original": str(self.original),
             "parent": {"id": parent, "path": str(source), "checksum": model.checksum(),
@@ -322,7 +320,7 @@ class ModelVersions:
             "trainer": model.trainer_name, "folds": folds, "checkpoints": checksums,
             "finetune": result.provenance(),
         }
-        _write_json(folder / VERSION_FILE, record)
+        write_json(folder / VERSION_FILE, record)
         return record
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -354,33 +352,6 @@ class ModelVersions:
             seen.add(parent)
             parent = entry.get("parent") or ORIGINAL
         return ORIGINAL
-
-    def _check(self, path: Path, id: str) -> Tuple[dict, str]:
-        """(version.json contents, problem) of a version folder."""
-        if not path.is_dir():
-            return {}, f"its folder {path} is missing"
-        try:
-            record = json.loads((path / VERSION_FILE).read_text())
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except FileNotFoundError:
-            return {}, f"{VERSION_FILE} is missing from {path}"
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
-            return {}, f"{path / VERSION_FILE} cannot be read ({str(error)[:120]})"
-        if record.get("family") != self.key or str(record.get("id")) != id:
-            return record, f"{path / VERSION_FILE} describes {str(record.get('id'))[:20]} of another model"
-        checkpoints = record.get("checkpoints")
-        if not isinstance(checkpoints, dict) or not checkpoints:
-            return record, f"{path / VERSION_FILE} lists no checkpoints"
-        for relative, expected in checkpoints.items():
-            if Path(relative).is_absolute() or ".." in Path(relative).parts or "\0" in relative:
-                return record, f"{path / VERSION_FILE} lists a checkpoint outside the version's folder"
-            file = path / relative
-            if not file.is_file():
-                return record, f"checkpoint {relative} is missing"
-            if _file_sha256(file) != expected:
-                return record, f"checkpoint {relative} was changed or corrupted (its checksum is not the recorded one)"
-        return record, ""
 
     def _owns(self, path: Path, id: str) -> bool:
         """Whether `path` is version `id`'s own folder: inside this family's folder, or describing itself
@@ -422,73 +393,21 @@ class ModelVersions:
         return max([0] + numbers) + 1
 
     def _read_registry(self, missing_ok: bool = False) -> dict:
-        path = self.registry_path
-        if not path.is_file() and missing_ok:
-            return {"original": str(getattr(self, "original", "")), "current": ORIGINAL, "versions": []}
-        try:
-            registry = json.loads(path.read_text())
-            if not isinstance(registry, dict) or not isinstance(registry.get("versions", []), list):
-                raise ValueError("not a version list")
-        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
-            raise ModelError(f"The version list {path} cannot be read ({str(error)[:120]}); restore or delete it "
-                             f"(the version folders are kept).") from None
-        registry.setdefault("versions", [])
-        registry["versions"] = [e for e in registry["versions"] if isinstance(e, dict) and isinstance(e.get("id"), str)
-                                and isinstance(e.get("path"), str) and "\0" not in e["path"]
-                                and isinstance(e.get("parent") or "", str)]
-        if not isinstance(registry.get("original") or "", str) or "\0" in str(registry.get("original")):
-            registry["original"] = ""
-        return registry
+        return read_registry(self.registry_path, str(getattr(self, "original", "")), missing_ok)
 
     def _write_registry(self, registry: dict):
         if self.opened is None:  # opened through the original: remember where it is now
             registry["original"] = str(self.original)
-        _write_json(self.registry_path, registry, atomic=True)
-
-    @contextmanager
-    def _locked(self):
-        """One program at a time changes the registry: a lock file naming its holder. A lock left by a
-        program that died (Ctrl+C at the wrong moment, killed, a crash) is broken at once when its holder is
-        known to be gone on this machine, else after _LOCK_STALE_S."""
-        _writable_folder(self.family_dir, self.name)
-        lock = self.family_dir / ".lock"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(handle, json.dumps(_holder()).encode())
-                break
-            except FileExistsError:
-                if _break_if_stale(lock):
-                    continue
-                if time.monotonic() > deadline:
-                    raise ModelError(f"The versions of {self.name} are being changed by another program "
-                                     f"(lock file {lock}); try again, or delete that file if none is.") from None
-                time.sleep(0.1)
-            except OSError as error:
-                raise ModelError(_unwritable(self.family_dir, self.name, error)) from None
-        try:
-            yield
-        finally:
-            os.close(handle)
-            lock.unlink(missing_ok=True)
+        write_json(self.registry_path, registry, atomic=True)
 
     def check_writable(self, target=None):
         """ModelError now, before minutes of fine-tuning, when the new version could not be written."""
         if target is not None:
             path = self.check_target(target)
-            _writable_folder(path.parent, self.name)
+            writable_folder(path.parent, self.name)
         else:
-            _writable_folder(self.family_dir, self.name)
+            writable_folder(self.family_dir, self.name)
 
-    def _remove_leftovers(self):
-        """Remove what programs that died while writing or deleting a version left in the family folder
-        (hidden .vN.partial-* and .vN.deleting-* folders), when their program is known to be gone."""
-        if not self.family_dir.is_dir():
-            return
-        for folder in self.family_dir.glob(".v*.*-*"):
-            if ".deleting-" in folder.name or (".partial-" in folder.name and _holder_gone(folder / _HOLDER_FILE)):
-                shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve(model_path, version: str = None, home=None, configuration: Optional[str] = None) -> Tuple[Path, Version]:
@@ -497,7 +416,7 @@ def resolve(model_path, version: str = None, home=None, configuration: Optional[
     path = Path(model_path).expanduser()
     try:
         versions = ModelVersions(path, home, configuration)
-    except _Unidentified:
+    except Unidentified:
         if version in (None, ORIGINAL):  # not a usable model folder: loading it says exactly why
             return path, Version(ORIGINAL, path, None, "", True, True)
         raise
@@ -518,188 +437,9 @@ def resolve(model_path, version: str = None, home=None, configuration: Optional[
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-class _Unidentified(ModelError):
-    """The folder is not a model whose checkpoints can identify it (missing, no checkpoints...)."""
-
-
-def _version_root(path: Path) -> Optional[Path]:
-    """The version folder holding `path` (the folder itself or its trained child), or None."""
-    if (path / VERSION_FILE).is_file():
-        return path
-    if (path / "plans.json").is_file() and (path.parent / VERSION_FILE).is_file():
-        return path.parent
-    return None
-
-
-def _read_version_file(root: Path) -> dict:
-    """A version folder's version.json, checked where it names other places: its family (a folder name in
-    the versions home, so never a path) and its original model."""
-    file = root / VERSION_FILE
-    try:
-        record = json.loads(file.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("family"), str) or \
-                not _FAMILY_KEY.match(record["family"]) or not _VERSION_ID.match(str(record.get("id"))):
-            raise ValueError("it names no valid family and version id")
-        if not isinstance(record.get("original"), str) or not record["original"] or "\0" in record["original"]:
-            raise ValueError("it does not name its original model")
-        if not isinstance(record.get("parent") or {}, dict):
-            raise ValueError("its parent is not described")
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as error:
-        raise ModelError(f"{file} cannot be read ({str(error)[:120]}); open the version through its original "
-                         f"model folder to see or delete it.") from None
-    return record
-
-
-def _trained_folder(path: Path, configuration: Optional[str]) -> Path:
-    try:
-        return find_trained_folder(path, configuration)
-    except ModelError as error:
-        from .nnunet_v1 import is_v1_folder  # a v1 folder predicts as it is, but has no versions (yet)
-        if is_v1_folder(path):
-            raise _Unidentified(f"{path.name} is an nnU-Net v1 model, which can segment but not be fine-tuned "
-                                f"or versioned here; retrain it with nnU-Net v2 to fine-tune it.") from None
-        raise _Unidentified(str(error)) from None
-
-
-def _checkpoint_files(trained: Path) -> List[Path]:
-    """fold_*/checkpoint_final.pth in the order Model loads all folds (numbered folds, else fold_all)."""
-    folds = [m.group(1) for d in trained.iterdir() if (m := _FOLD.match(d.name)) and (d / _CHECKPOINT).is_file()]
-    numbered = sorted((f for f in folds if f != "all"), key=int)
-    return [trained / f"fold_{f}" / _CHECKPOINT for f in (numbered or [f for f in folds if f == "all"])]
-
-
-def _family_sha256(trained: Path, home: Path) -> str:
-    """SHA-256 of the checkpoint files' bytes (as Model.checksum over all folds). Remembered per file
-    size and modification time, in this process and in <home>/versions/keys.json when that folder exists."""
-    files = _checkpoint_files(trained)
-    if not files:
-        raise _Unidentified(f"No fold of {trained} has a {_CHECKPOINT}.")
-    stamp = [[f.relative_to(trained).as_posix(), *_stat_key(f)[1:]] for f in files]
-    key = json.dumps([str(trained), stamp])
-    if key in _FAMILY_CACHE:
-        return _FAMILY_CACHE[key]
-    cache_file = home / "versions" / "keys.json"
-    try:
-        cached = json.loads(cache_file.read_text()).get(str(trained)) if cache_file.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        cached = None
-    if cached and cached.get("files") == stamp and cached.get("sha256"):
-        _FAMILY_CACHE[key] = cached["sha256"]
-        return cached["sha256"]
-    digest = hashlib.sha256()
-    for file in files:
-        _hash_into(digest, file)
-    _FAMILY_CACHE[key] = digest.hexdigest()
-    if cache_file.parent.is_dir():  # only where versions were made before: reading never creates the home
-        try:
-            known = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-            known = known if isinstance(known, dict) else {}
-            known[str(trained)] = {"files": stamp, "sha256": _FAMILY_CACHE[key]}
-            _write_json(cache_file, known, atomic=True)
-        except (OSError, ValueError):
-            pass  # a cache only
-    return _FAMILY_CACHE[key]
-
-
-_FAMILY_CACHE: Dict[str, str] = {}
-_FILE_CACHE: Dict[tuple, str] = {}
-
-
-def _stat_key(file: Path) -> tuple:
-    stat = file.stat()
-    return (str(file.absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-
-
-def _file_sha256(file: Path) -> str:
-    key = _stat_key(file)
-    if key not in _FILE_CACHE:
-        digest = hashlib.sha256()
-        _hash_into(digest, file)
-        _FILE_CACHE[key] = digest.hexdigest()
-    return _FILE_CACHE[key]
-
-
-def _hash_into(digest, file: Path):
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-
-
-def _safe_name(trained: Path) -> str:
-    parts = trained.name.split("__")
-    name = f"{trained.parent.name}_{parts[2]}" if len(parts) == 3 else trained.name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "model"
-
-
 def _display_name(trained: Path) -> str:
     parts = trained.name.split("__")
     return f"{trained.parent.name} ({parts[2]})" if len(parts) == 3 else trained.name
-
-
-def _write_json(path: Path, data: dict, atomic: bool = False):
-    text = json.dumps(data, indent=2, default=str)
-    if not atomic:
-        path.write_text(text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _holder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname()}
-
-
-def _holder_gone(file: Path) -> bool:
-    """True when `file` names a program on this machine that no longer runs."""
-    try:
-        holder = json.loads(file.read_text())
-        pid, host = int(holder["pid"]), holder["host"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if host != socket.gethostname() or sys.platform == "win32":  # os.kill(pid, 0) would end it on Windows
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def _break_if_stale(lock: Path) -> bool:
-    """Remove a lock whose holder is gone or that is older than _LOCK_STALE_S; True when the lock is gone."""
-    try:
-        text = lock.read_text()
-        stale = _holder_gone(lock) or time.time() - lock.stat().st_mtime > _LOCK_STALE_S
-        if stale and lock.read_text() == text:  # still the same holder's lock, not a new one
-            lock.unlink()
-        return stale
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
-def _writable_folder(folder: Path, name: str):
-    """Create `folder` if needed and check a file can be written there; ModelError saying why not."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise ModelError(_unwritable(folder, name, error)) from None
-
-
-def _unwritable(folder: Path, name: str, error: OSError) -> str:
-    return (f"Cannot write versions of {name} to {folder} ({error.strerror or error}); set SEGMENTMBTFE_HOME to a "
-            "writable folder, or give the new version's folder.")
 
 
 def _live(registry: dict) -> List[dict]:
@@ -707,7 +447,7 @@ def _live(registry: dict) -> List[dict]:
 
 
 def _number(id: str) -> int:
-    match = _VERSION_ID.match(str(id))
+    match = VERSION_ID.match(str(id))
     return int(match.group(1)) if match else 0
 
 

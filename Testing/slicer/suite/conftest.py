@@ -39,8 +39,8 @@ def slicer_app(tmp_path_factory):
     settings = tmp_path_factory.mktemp("settings") / "Slicer.ini"
     slicer_app.install(str(settings), {"SegmentMBTFE": str(MODULE_DIR / "SegmentMBTFE.py")})
     yield slicer_app
-    from SegmentMBTFESlicer import worker
-    worker.stop_shared()  # as when Slicer exits: the worker process goes with it
+    from SegmentMBTFESlicer import worker_process
+    worker_process.stop_shared()  # as when Slicer exits: the worker process goes with it
 
 
 @pytest.fixture

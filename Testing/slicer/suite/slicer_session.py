@@ -51,7 +51,7 @@ def main(image, model, work_dir) -> dict:
     from slicer_testing import load_volume
 
     import SegmentMBTFE
-    from SegmentMBTFESlicer import dependencies, worker
+    from SegmentMBTFESlicer import dependencies, worker_process
     report = {"dependencies_ready": dependencies.check().ready}
     widget = SegmentMBTFE.SegmentMBTFEWidget()  # no parent: Slicer's base class runs setup() itself
     volume = load_volume(slicer.mrmlScene, image)
@@ -68,7 +68,7 @@ def main(image, model, work_dir) -> dict:
     run = logic.finetune(node, volume, model=model, iterations=1)
     report["version"] = run.version.id
     report["written"] = [Path(p).name for p in logic.segmentFiles([image], model, Path(work_dir) / "out", tta=False)]
-    report["worker_pid"] = worker.shared().ready.get("pid")
+    report["worker_pid"] = worker_process.shared().ready.get("pid")
     widget.cleanup()
     report["torch_imported"] = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
     report["torch_attempts"] = ATTEMPTS

@@ -131,55 +131,55 @@ def test_segment_files_without_an_output_folder_says_so_and_leaves_nothing_busy(
 
 def test_a_worker_that_cannot_be_started_fails_the_job_in_one_sentence(module, scene, tiny_model, monkeypatch):
     """QProcess reports some start failures at once, inside start() (no program; on Windows, CreateProcess)."""
-    from SegmentMBTFESlicer import jobs, worker
-    worker.stop_shared()
-    monkeypatch.setattr(worker.shared(), "python", "")
+    from SegmentMBTFESlicer import jobs, worker_process
+    worker_process.stop_shared()
+    monkeypatch.setattr(worker_process.shared(), "python", "")
     volume = load_volume(scene, selftest_image(scene))
-    with pytest.raises(worker.WorkerUnavailable, match=r"^The segmentation worker could not be started with "
+    with pytest.raises(worker_process.WorkerUnavailable, match=r"^The segmentation worker could not be started with "
                                                        r"\(no program\) \(.+\)\.$"):
         module.SegmentMBTFELogic().startSegmentation(volume, str(tiny_model), tta=False)
-    assert not jobs.is_running() and worker.shared()._jobs == {} and worker.shared().process is None
+    assert not jobs.is_running() and worker_process.shared()._jobs == {} and worker_process.shared().process is None
 
 
 def test_background_calls_check_the_packages_first(module, scene, tiny_model, missing_package, monkeypatch, tmp_path):
     """As segment() does: without it a missing torch ended in the worker dying at import, and the advice to
     use fewer folds or TTA off."""
-    from SegmentMBTFESlicer import dependencies, jobs, worker
+    from SegmentMBTFESlicer import dependencies, jobs, worker_process
 
     def failing_install(status, constraints, light_the_torch=None):  # pip really runs, and fails
         missing_package.append([r.distribution for r in status.missing])
         return [("Installing", "pip", ["install", "--no-index", str(tmp_path / "no-such-package-1.0-py3-none-any.whl")])]
     monkeypatch.setattr(dependencies, "install_steps", failing_install)
-    started = worker.shared().started
+    started = worker_process.shared().started
     logic = module.SegmentMBTFELogic()
     volume = load_volume(scene, selftest_image(scene))
     with pytest.raises(dependencies.DependencyError):
         logic.startSegmentation(volume, str(tiny_model), tta=False)
     with pytest.raises(dependencies.DependencyError):
         logic.startFinetune(None, model=str(tiny_model))
-    assert len(missing_package) == 2 and worker.shared().started == started and not jobs.is_running()
+    assert len(missing_package) == 2 and worker_process.shared().started == started and not jobs.is_running()
 
 
 @pytest.fixture
 def reloadable(module):
     """Reload replaces the module's packages in sys.modules; the session's other tests keep the originals."""
-    from SegmentMBTFESlicer import worker
+    from SegmentMBTFESlicer import worker_process
     saved = {name: m for name, m in sys.modules.items()
              if name.split(".")[0] in ("SegmentMBTFE", "SegmentMBTFESlicer", "SegmentMBTFELib")}
     yield
-    sys.modules["SegmentMBTFESlicer.worker"].stop_shared()
+    sys.modules["SegmentMBTFESlicer.worker_process"].stop_shared()
     for name in [n for n in sys.modules if n.split(".")[0] in ("SegmentMBTFE", "SegmentMBTFESlicer", "SegmentMBTFELib")]:
         del sys.modules[name]
     sys.modules.update(saved)
-    worker.stop_shared()
+    worker_process.stop_shared()
 
 
 def test_reload_reloads_the_module_packages_and_the_worker(widget, scene, tiny_model, reloadable):
     import slicer
-    from SegmentMBTFESlicer import segment_panel, worker
+    from SegmentMBTFESlicer import segment_panel, worker_process
     volume = load_volume(scene, selftest_image(scene))
     widget.logic.segment(volume, str(tiny_model), tta=False, show3D=False)
-    old_worker = worker.shared()
+    old_worker = worker_process.shared()
     assert old_worker.running
 
     widget.onReload()  # the Reload button of Slicer's developer section

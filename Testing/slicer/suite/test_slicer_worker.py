@@ -38,9 +38,9 @@ def start_segment(widget, scene, model, image, tta=False):
 
 def worker_pid() -> int:
     """The real worker's pid (behind the launcher, whose pid the QProcess knows), once the worker said it."""
-    from SegmentMBTFESlicer import worker
-    wait_for(lambda: worker.shared().pid is not None, timeout=60, what="the worker's first message")
-    return worker.shared().pid
+    from SegmentMBTFESlicer import worker_process
+    wait_for(lambda: worker_process.shared().pid is not None, timeout=60, what="the worker's first message")
+    return worker_process.shared().pid
 
 
 def test_the_event_loop_holds_the_gil_as_slicers_does(slicer_app):
@@ -62,7 +62,7 @@ def test_the_event_loop_holds_the_gil_as_slicers_does(slicer_app):
 
 
 def test_the_worker_stays_and_keeps_the_model(module, scene, hippo3d_model, hippo_case):
-    from SegmentMBTFESlicer import worker
+    from SegmentMBTFESlicer import worker_process
     logic = module.SegmentMBTFELogic()
     volume = load_volume(scene, hippo_case)
     first = logic.startSegmentation(volume, str(hippo3d_model), tta=False, show3D=False)
@@ -72,7 +72,7 @@ def test_the_worker_stays_and_keeps_the_model(module, scene, hippo3d_model, hipp
     wait_for(lambda: second.finished)
     assert first.outcome.error is None and second.outcome.error is None, (first.outcome, second.outcome)
     assert second.reply["model_cached"] and worker_pid() == pid  # the same process, the model already loaded
-    shared = worker.shared()  # started through the launcher, as inside Slicer: the real worker is its child
+    shared = worker_process.shared()  # started through the launcher, as inside Slicer: the real worker is its child
     assert Path(shared.python).name == "PythonSlicer" and pid != shared.process.processId()
     assert shared.ready["python"] == (os.environ.get("SEGMENTMBTFE_TEST_PYTHON_REAL") or sys.executable)
     assert not (job_folders() & {Path(first.folder), Path(second.folder)})  # the job folders are gone
@@ -120,28 +120,28 @@ def test_a_worker_that_does_not_answer_cancel_is_killed_within_two_seconds(
 
 def test_an_idle_worker_exits_cleanly_and_comes_back(module, scene, hippo3d_model, hippo_case, caplog):
     import qt
-    from SegmentMBTFESlicer import worker
-    qt.QSettings().setValue(worker.SETTINGS_IDLE, 0.03)  # minutes: 1.8 s
-    worker.stop_shared()
+    from SegmentMBTFESlicer import worker_process
+    qt.QSettings().setValue(worker_process.SETTINGS_IDLE, 0.03)  # minutes: 1.8 s
+    worker_process.stop_shared()
     logic = module.SegmentMBTFELogic()
     volume = load_volume(scene, hippo_case)
-    with caplog.at_level("DEBUG", logger=worker.__name__):  # the worker's stderr, line by line
+    with caplog.at_level("DEBUG", logger=worker_process.__name__):  # the worker's stderr, line by line
         logic.segment(volume, str(hippo3d_model), tta=False, show3D=False)
-        shared = worker.shared()
+        shared = worker_process.shared()
         process = shared.process
         wait_for(lambda: not shared.running, timeout=30, what="the idle worker's exit")
     assert shared.exit_reason == "idle"
     stderr = "\n".join(r.getMessage() for r in caplog.records if r.getMessage().startswith("SegmentMBTFE worker:"))
     assert process.exitStatus() == qt.QProcess.NormalExit and process.exitCode() == 0, stderr
     assert "Fatal Python error" not in stderr
-    qt.QSettings().remove(worker.SETTINGS_IDLE)
+    qt.QSettings().remove(worker_process.SETTINGS_IDLE)
     node = logic.segment(volume, str(hippo3d_model), tta=False, show3D=False)  # started again, transparently
     assert node.GetSegmentation().GetNumberOfSegments() == 2 and shared.running
 
 
 def test_cleanup_mid_run_is_quick_and_ends_the_worker(widget, scene, hippo3d_model, large_hippo_case):
     import slicer
-    from SegmentMBTFESlicer import jobs, worker
+    from SegmentMBTFESlicer import jobs, worker_process
     start_segment(widget, scene, hippo3d_model, large_hippo_case, tta=True)
     wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
     before = scene_state(scene)
@@ -151,7 +151,7 @@ def test_cleanup_mid_run_is_quick_and_ends_the_worker(widget, scene, hippo3d_mod
     slicer.app.moduleManager().unload("SegmentMBTFE")  # what Slicer does at exit: the widget's cleanup() runs
     assert time.perf_counter() - started < 3  # half a second for the worker to exit, then it is killed
     assert not process_running(pid)  # nothing left behind the launcher
-    assert not worker.shared().running and widget.jobs.job is None and not jobs.is_running()
+    assert not worker_process.shared().running and widget.jobs.job is None and not jobs.is_running()
     assert widget.ui.statusLabel.text() == "Cancelled: nothing was changed."
     assert scene_state(scene) == before
 
@@ -159,13 +159,13 @@ def test_cleanup_mid_run_is_quick_and_ends_the_worker(widget, scene, hippo3d_mod
 def test_a_worker_stopped_mid_job_ends_it_as_cancelled_not_crashed(widget, scene, hippo3d_model, large_hippo_case):
     """Reload (or an exit) may have to kill a busy worker: its job is cancelled, whichever panel or console
     call started it, and the scene is unchanged."""
-    from SegmentMBTFESlicer import worker
+    from SegmentMBTFESlicer import worker_process
     start_segment(widget, scene, hippo3d_model, large_hippo_case, tta=True)
     wait_for_panel(widget, until=lambda: "tile" in widget.ui.statusLabel.text())
     before = scene_state(scene)
     pid = worker_pid()
     os.kill(pid, signal.SIGSTOP)  # frozen: it cannot exit by itself, and nothing may be left running
-    worker.stop_shared(wait_ms=0)  # no time to exit by itself: killed
+    worker_process.stop_shared(wait_ms=0)  # no time to exit by itself: killed
     wait_for_panel(widget)
     assert widget.ui.statusLabel.text() == "Cancelled: nothing was changed."
     assert scene_state(scene) == before and not process_running(pid)
@@ -184,13 +184,13 @@ time.sleep(120)
 
 def test_killing_the_worker_ends_what_it_started(slicer_app):
     """Behind the launcher, as the worker runs: ending it by its pid ends the processes it started too."""
-    from SegmentMBTFESlicer import worker
-    launcher = subprocess.Popen([worker.worker_python(), "-c", STARTS_A_CHILD, str(worker.ENGINE_DIR)],
+    from SegmentMBTFESlicer import worker_process
+    launcher = subprocess.Popen([worker_process.worker_python(), "-c", STARTS_A_CHILD, str(worker_process.ENGINE_DIR)],
                                 stdout=subprocess.PIPE, text=True)
     try:
         real, child = map(int, launcher.stdout.readline().split())
         assert real != launcher.pid and os.getpgid(child) == real  # the group the worker leads holds its child
-        worker.end_process_tree(real)
+        worker_process.end_process_tree(real)
         assert launcher.wait(timeout=10) == 1  # the launcher saw its child killed
         wait_for(lambda: not process_running(child), timeout=5, what="the end of the worker's child")
         assert not process_running(real)
@@ -200,11 +200,11 @@ def test_killing_the_worker_ends_what_it_started(slicer_app):
 
 
 def test_the_workers_warnings_reach_slicers_log(module, scene, tiny_model, hippo_case, caplog):
-    from SegmentMBTFESlicer import worker
+    from SegmentMBTFESlicer import worker_process
     logic = module.SegmentMBTFELogic()
     logic.segment(load_volume(scene, hippo_case), str(tiny_model), tta=False, show3D=False)  # a worker runs
-    with caplog.at_level("WARNING", logger=worker.__name__):
-        worker.shared().process.write(b"not a request\n")  # the worker logs a warning about it
+    with caplog.at_level("WARNING", logger=worker_process.__name__):
+        worker_process.shared().process.write(b"not a request\n")  # the worker logs a warning about it
         wait_for(lambda: any("not a JSON object" in r.getMessage() for r in caplog.records), timeout=30,
                  what="the worker's warning")
     record = next(r for r in caplog.records if "not a JSON object" in r.getMessage())
@@ -213,8 +213,8 @@ def test_the_workers_warnings_reach_slicers_log(module, scene, tiny_model, hippo
 
 def test_a_worker_speaking_another_protocol_is_refused(module, scene, tiny_model, hippo_case, monkeypatch):
     from SegmentMBTFELib import exchange
-    from SegmentMBTFESlicer import jobs, worker
-    worker.stop_shared()
+    from SegmentMBTFESlicer import jobs, worker_process
+    worker_process.stop_shared()
     monkeypatch.setattr(exchange, "PROTOCOL", exchange.PROTOCOL + 1)  # this module, newer than its worker
     volume = load_volume(scene, hippo_case)
     before = scene_state(scene)
@@ -230,9 +230,9 @@ def test_a_worker_speaking_another_protocol_is_refused(module, scene, tiny_model
 
 
 def test_messages_the_module_does_not_understand_are_logged_never_run(slicer_app, caplog, tmp_path):
-    from SegmentMBTFESlicer import worker
+    from SegmentMBTFESlicer import worker_process
     marker = tmp_path / "ran"
-    process = worker.WorkerProcess()
+    process = worker_process.WorkerProcess()
     with caplog.at_level("WARNING"):
         process._handle(b"Traceback (most recent call last): not a message")
         process._handle(json.dumps({"type": "exec", "code": f"open({str(marker)!r}, 'w')"}).encode())

@@ -26,10 +26,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import Cancelled, SegmentError
-from ..inference.memory import available_bytes
-from ..io.images import image_extension, read_channels, read_volume, atomic_output
+from ..free_memory import available_bytes
+from ..io.images import read_channels, read_volume, atomic_output
+from ..io.sitk_volume import image_extension
 from ..io.writers import check_output, write_prediction
-from ..tasks import with_version
+from ..models.versions import with_version
 from .overlap import run_in_stages
 
 SEGMENTED, SKIPPED, FAILED = "segmented", "skipped", "failed"
