@@ -15,7 +15,8 @@ PRODUCT = Path(__file__).resolve().parents[1] / "SegmentMBTFE"
 # Each module's layer is found by the longest prefix listed here; a module no prefix covers fails the test, so a
 # new top-level module of the engine is given its layer on purpose. exchange.py (what crosses between the module
 # and the worker) is the front ends'; the package itself and the leaf helpers every layer uses (tensors.py,
-# requirements.py, free_memory.py) are shared, beside volume, errors and progress.
+# requirements.py, free_memory.py, nnunet_trainers.py: plain data on nnU-Net's trainers, read by models/ and
+# networks/) are shared, beside volume, errors and progress.
 LAYERS = [
     ["SegmentMBTFE"],
     ["SegmentMBTFESlicer"],
@@ -27,8 +28,11 @@ LAYERS = [
     ["SegmentMBTFELib.models"],
     ["SegmentMBTFELib.networks"],
     ["SegmentMBTFELib", "SegmentMBTFELib.volume", "SegmentMBTFELib.errors", "SegmentMBTFELib.progress",
-     "SegmentMBTFELib.tensors", "SegmentMBTFELib.requirements", "SegmentMBTFELib.free_memory"],
+     "SegmentMBTFELib.tensors", "SegmentMBTFELib.requirements", "SegmentMBTFELib.free_memory",
+     "SegmentMBTFELib.nnunet_trainers"],
 ]
+# The package itself is a layer of its own name only: as a prefix it would cover every module of the engine.
+WHOLE_PACKAGES = {"SegmentMBTFELib"}
 
 
 def product_modules() -> dict:
@@ -67,7 +71,7 @@ def imports_of(name: str, path: Path, modules: dict) -> list:
 
 def layer_of(name: str) -> int:
     matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
-               if name == prefix or name.startswith(prefix + ".")]
+               if name == prefix or (name.startswith(prefix + ".") and prefix not in WHOLE_PACKAGES)]
     if not matches:
         raise AssertionError(f"{name} is in no layer of test_layers.LAYERS: give it its place in DESIGN.md's order")
     return max(matches)[1]
