@@ -1,6 +1,6 @@
 """nnU-Net v2 trainers for UNet++, SegResNetVAE and the 2016 3D U-Net, with nnU-Net's default training otherwise.
 
-As nnUNetTrainerMBTFE does (trainer.py): the trainer rewrites its configuration's `architecture` in the plans into
+As nnUNetTrainerMBTFE does (both are trainer.py's EngineNetworkTrainer): the trainer rewrites its configuration's `architecture` in the plans into
 the family's (options included, networks/families.py), so plans.json and every checkpoint's `init_args` name the
 network completely, and `build_network_architecture` builds through the engine's own `networks.build_network`.
 What differs from nnUNetTrainer, per family:
@@ -12,27 +12,10 @@ What differs from nnUNetTrainer, per family:
 
 This module imports nnunetv2; only nnU-Net imports it (through the registered shim).
 """
-import copy
-
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from ...models.folder import resolve_configuration
-from ...networks import build_network
 from ...networks.families import FAMILIES, family_architecture, family_of
-from ...networks.mbtfe import MBTFEUNet
-from .trainer import _call_arguments
-
-
-def plans_with_family(plans: dict, configuration: str, family: str) -> dict:
-    """A copy of `plans` whose `configuration` states the `family` architecture it trains (plans that already name
-    it, e.g. edited by hand with other options, are kept)."""
-    plans = copy.deepcopy(plans)
-    resolved = resolve_configuration(plans, configuration)
-    if family_of(resolved.architecture) is None:
-        plans["configurations"][configuration]["architecture"] = family_architecture(
-            resolved.architecture, family, patch_size=resolved.patch_size)
-    return plans
+from .trainer import EngineNetworkTrainer
 
 
 def _unwrapped(network):
@@ -41,29 +24,23 @@ def _unwrapped(network):
     return getattr(network, "_orig_mod", network)
 
 
-class _FamilyTrainer(nnUNetTrainer):
+class _FamilyTrainer(EngineNetworkTrainer):
     family = ""
 
-    # nnUNetTrainer records its __init__ arguments by these exact names (for checkpoints): keep them.
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans_with_family(plans, configuration, self.family), configuration, fold, dataset_json,
-                         device)
+    @classmethod
+    def names_its_network(cls, architecture: dict) -> bool:
+        return family_of(architecture) is not None
 
     @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
-                                   num_output_channels, *older_arguments, enable_deep_supervision=True):
-        # The first parameter must be called plans_manager: that is how nnU-Net picks the calling convention.
-        architecture, n_in, n_out, deep_supervision = _call_arguments(
-            plans_manager, configuration_manager, num_input_channels, num_output_channels, older_arguments,
-            enable_deep_supervision)
-        if family_of(architecture) is None:
-            patch = getattr(configuration_manager, "patch_size", None)
-            architecture = family_architecture(architecture, cls.family, patch_size=patch)
-        network = build_network(architecture, n_in, n_out, deep_supervision)
+    def architecture_of(cls, architecture: dict, patch_size) -> dict:
+        if cls.names_its_network(architecture):
+            return architecture
+        return family_architecture(architecture, cls.family, patch_size=patch_size)
+
+    @classmethod
+    def initialise(cls, network) -> None:
         if cls.family != "SegResNetVAE":  # MONAI's SegResNetVAE keeps torch's initialisation; so do we
-            network.apply(MBTFEUNet.initialize)  # nnU-Net's InitWeights_He(1e-2), as for PlainConvUNet
-        return network
+            super().initialise(network)
 
 
 class nnUNetTrainerUNetPlusPlus(_FamilyTrainer):

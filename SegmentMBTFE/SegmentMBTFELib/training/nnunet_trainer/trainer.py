@@ -22,15 +22,6 @@ from ...networks import build_network
 from ...networks.mbtfe import TRAINER_OPTIONS, MBTFEUNet, is_mbtfe, mbtfe_architecture
 
 
-def plans_with_mbtfe(plans: dict, configuration: str, options: dict) -> dict:
-    """A copy of `plans` whose `configuration` states the MBTFEUNet architecture it trains."""
-    plans = copy.deepcopy(plans)
-    architecture = resolve_configuration(plans, configuration).architecture
-    if not is_mbtfe(architecture):
-        plans["configurations"][configuration]["architecture"] = mbtfe_architecture(architecture, **options)
-    return plans
-
-
 def _call_arguments(first, second, third, fourth, rest, deep_supervision):
     """(architecture, input channels, output channels, deep supervision) from either way nnU-Net calls
     build_network_architecture: (plans_manager, configuration_manager, n_in, n_out[, deep_supervision]) in
@@ -47,16 +38,41 @@ def _call_arguments(first, second, third, fourth, rest, deep_supervision):
     return architecture, n_in, n_out, bool(rest[0] if rest else deep_supervision)
 
 
-class nnUNetTrainerMBTFE(nnUNetTrainer):
-    """nnU-Net's default training of MBTFE-UNet (instance norm in MBTFE, EAB with the attention gate)."""
-
-    mbtfe_options = TRAINER_OPTIONS["nnUNetTrainerMBTFE"]
+class EngineNetworkTrainer(nnUNetTrainer):
+    """nnUNetTrainer training one of the engine's networks, the base of this package's trainers (MBTFE-UNet here,
+    UNet++, SegResNetVAE and the 3D U-Net in family_trainers.py). A subclass says which architecture it trains
+    (`names_its_network`, `architecture_of`) and how its network starts (`initialise`); the rest is here."""
 
     # nnUNetTrainer records its __init__ arguments by these exact names (for checkpoints): keep them.
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        super().__init__(plans_with_mbtfe(plans, configuration, self.mbtfe_options), configuration, fold,
-                         dataset_json, device)
+        super().__init__(self.plans_naming_the_network(plans, configuration), configuration, fold, dataset_json,
+                         device)
+
+    @classmethod
+    def names_its_network(cls, architecture: dict) -> bool:
+        """Whether a plans architecture already names this trainer's network (then the plans are kept)."""
+        raise NotImplementedError
+
+    @classmethod
+    def architecture_of(cls, architecture: dict, patch_size) -> dict:
+        """The architecture this trainer builds from a configuration's (nnU-Net's PlainConvUNet or its own)."""
+        raise NotImplementedError
+
+    @classmethod
+    def initialise(cls, network) -> None:
+        network.apply(MBTFEUNet.initialize)  # nnU-Net's InitWeights_He(1e-2), as for PlainConvUNet
+
+    @classmethod
+    def plans_naming_the_network(cls, plans: dict, configuration: str) -> dict:
+        """A copy of `plans` whose `configuration` states the architecture this trainer trains; plans that already
+        name it (e.g. edited by hand with other options) are kept."""
+        plans = copy.deepcopy(plans)
+        resolved = resolve_configuration(plans, configuration)
+        if not cls.names_its_network(resolved.architecture):
+            plans["configurations"][configuration]["architecture"] = cls.architecture_of(resolved.architecture,
+                                                                                         resolved.patch_size)
+        return plans
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
@@ -65,10 +81,25 @@ class nnUNetTrainerMBTFE(nnUNetTrainer):
         architecture, n_in, n_out, deep_supervision = _call_arguments(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, older_arguments,
             enable_deep_supervision)
-        options = {} if is_mbtfe(architecture) else cls.mbtfe_options
-        network = build_network(mbtfe_architecture(architecture, **options), n_in, n_out, deep_supervision)
-        network.apply(MBTFEUNet.initialize)
+        patch = getattr(configuration_manager, "patch_size", None)
+        network = build_network(cls.architecture_of(architecture, patch), n_in, n_out, deep_supervision)
+        cls.initialise(network)
         return network
+
+
+class nnUNetTrainerMBTFE(EngineNetworkTrainer):
+    """nnU-Net's default training of MBTFE-UNet (instance norm in MBTFE, EAB with the attention gate)."""
+
+    mbtfe_options = TRAINER_OPTIONS["nnUNetTrainerMBTFE"]
+
+    @classmethod
+    def names_its_network(cls, architecture: dict) -> bool:
+        return is_mbtfe(architecture)
+
+    @classmethod
+    def architecture_of(cls, architecture: dict, patch_size) -> dict:
+        options = {} if is_mbtfe(architecture) else cls.mbtfe_options  # plans naming MBTFE-UNet keep theirs
+        return mbtfe_architecture(architecture, **options)
 
 
 class nnUNetTrainerMBTFE_BN(nnUNetTrainerMBTFE):
