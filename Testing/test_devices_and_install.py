@@ -195,5 +195,6 @@ def test_trainer_with_another_network_names_the_keys(tmp_path):
     saved = torch.load(checkpoint, weights_only=False)
     saved["network_weights"]["encoder.extra_attention.weight"] = torch.zeros(3)
     torch.save(saved, checkpoint)
-    with pytest.raises(ModelError, match=r"unexpected 1 keys: encoder\.extra_attention\.weight.*nnUNetTrainerOurLab"):
+    with pytest.raises(ModelError, match=r"trained with nnUNetTrainerOurLab: .*unexpected 1 keys: "
+                                         r"encoder\.extra_attention\.weight"):
         load_model(folder)
