@@ -34,14 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..errors import InputError, ModelError
+from ..errors import InputError
 from ..inference.devices import choose_device, release_memory
 from ..inference.heap import reusing_memory
 from ..inference.model import Model, _as_3d, _spacing_zyx
 from ..inference.preprocessing import preprocess, resample_label_map
 from ..models.folder import NAMED_NETWORKS
 from ..nnunet_trainers import primus_title
-from ..networks import architecture_for_trainer, build_network
 from ..progress import Progress
 from ..tensors import to_tensor
 from ..volume import Volume
