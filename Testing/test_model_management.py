@@ -150,13 +150,18 @@ def test_mistakes_are_one_sentence(home, run, models, good_image, tmp_path):
     assert not (home / "models").exists()  # none of these wrote anything
 
 
-NO_TORCH = r"""
-import importlib.abc, json, sys
+# The start of the scripts below: Slicer's process, where importing torch is an error.
+REFUSE_TORCH = r"""
+import importlib.abc, sys
 class RefuseTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch must not be imported here")
 sys.meta_path.insert(0, RefuseTorch())
+"""
+
+NO_TORCH = REFUSE_TORCH + r"""
+import json
 sys.path.insert(0, sys.argv[1])
 from SegmentMBTFESlicer import catalog
 from SegmentMBTFELib import cli
@@ -180,14 +185,8 @@ def test_adding_a_zip_and_listing_never_import_torch(home, models, tmp_path):
     assert result["path"] == str(home / "models" / "Dataset999_Tiny")
 
 
-
-LIST_WITHOUT_TORCH = r"""
-import importlib.abc, io, json, sys
-class RefuseTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch must not be imported here")
-sys.meta_path.insert(0, RefuseTorch())
+LIST_WITHOUT_TORCH = REFUSE_TORCH + r"""
+import io, json
 opened, real_open = [], io.open
 def recording_open(file, *args, **kwargs):
     opened.append(str(file))
