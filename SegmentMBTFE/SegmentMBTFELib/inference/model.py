@@ -172,8 +172,10 @@ class Model:
     def _refuse_unknown_network(self, network: torch.nn.Module) -> None:
         """A trainer the engine does not know, whose weights do not fit the plans' network, built a network of its
         own: say so by its name before loading anything (a known trainer's misfit is a damaged or wrong file)."""
+        if knows_trainer(self.trainer_name):
+            return  # load_weights compares the weights with the network itself
         problem = weights_mismatch(network, self.weights[0])
-        if problem and not knows_trainer(self.trainer_name):
+        if problem:
             raise ModelError(unknown_trainer_message(self.trainer_name, self.folder.path.name, problem))
 
     def _check_outputs(self, source):

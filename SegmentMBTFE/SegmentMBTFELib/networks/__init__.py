@@ -20,7 +20,7 @@ NETWORKS = {
     "PlainConvUNet": PlainConvUNet,
     "ResidualEncoderUNet": ResidualEncoderUNet,
     "MBTFEUNet": MBTFEUNet,
-    "Primus": Primus,  # built from the trainer's name (trainers.py), never from plans alone
+    "Primus": Primus,  # built from the trainer's name (nnunet_trainers.py), never from plans alone
     **{name: family.network for name, family in FAMILIES.items()},  # UNet++, SegResNetVAE, 3D U-Net (families.py)
 }
 
