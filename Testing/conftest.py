@@ -1,9 +1,10 @@
 """Shared pytest fixtures: the real data in ../shared/data and the nnU-Net v2 reference (nnunet_reference.py).
 
 Reference model folders are built lazily, once per session, under one session directory (all eight kinds
-take about 80 s on 2 idle cores; 5-15 s each), or under $SEGMENTMBTFE_REFERENCE_CACHE when set: then
-they survive between runs and are rebuilt only when nnunet_reference.py, nnunetv2 or the request changes
-(one pytest session at a time per cache directory).
+take about 80 s on 2 idle cores; 5-15 s each), or under $SEGMENTMBTFE_REFERENCE_CACHE when set (scripts/test.sh
+sets it): then they survive between runs and are rebuilt only when nnunet_reference.py, nnunetv2 or the request
+changes, and Testing/build_references.py may build them ahead in another process (one build at a time:
+build_lock.py). Predictions by nnU-Net are kept for the session only.
 """
 from __future__ import annotations
 

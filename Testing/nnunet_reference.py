@@ -64,6 +64,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from build_lock import one_build_at_a_time, write_record
+
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TRAINER = "nnUNetTrainer"
 TIMING_FILE = "nnunet_timing.json"  # written by predict_with_nnunet into its output folder
@@ -266,19 +268,25 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
         make_model_folder(root, kind=spec.previous_stage, seed=seed, data_dir=data_dir, timeout=timeout)
         request["previous_build"] = _read_record(root, spec.previous_stage)["build_id"]  # retrain on its output
     model_dir = spec.model_dir(root)
-    record = _record_file(root, kind)
-    if record.is_file() and json.loads(record.read_text())["request"] == request and model_dir.is_dir():
+    if _is_built(root, kind, request, model_dir):
         return model_dir
-    started = time.perf_counter()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    if spec.derived_from:
-        _make_derived(root, spec, base_dir, request, timeout)
-    else:
-        _train(root, spec, folds, request, timeout)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"request": request, "seconds": time.perf_counter() - started,
-                                  "build_id": uuid.uuid4().hex}, indent=1))
+    with one_build_at_a_time(root):
+        if _is_built(root, kind, request, model_dir):  # built by another process while this one waited
+            return model_dir
+        started = time.perf_counter()
+        shutil.rmtree(model_dir, ignore_errors=True)
+        if spec.derived_from:
+            _make_derived(root, spec, base_dir, request, timeout)
+        else:
+            _train(root, spec, folds, request, timeout)
+        write_record(_record_file(root, kind), {"request": request, "seconds": time.perf_counter() - started,
+                                                "build_id": uuid.uuid4().hex})
     return model_dir
+
+
+def _is_built(root: Path, kind: str, request: dict, model_dir: Path) -> bool:
+    record = _record_file(root, kind)
+    return record.is_file() and json.loads(record.read_text())["request"] == request and model_dir.is_dir()
 
 
 def build_seconds(root: Union[str, Path], kind: str) -> float:

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from build_lock import one_build_at_a_time, write_record
+
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TASK = "Task901_Hippocampus"
 PLANS_IDENTIFIER = "nnUNetPlansv2.1"
@@ -93,13 +95,18 @@ def make_v1_model_folder(root: Union[str, Path], *, kind: str, train_iterations:
                "version": _version()}
     record = root / "records_v1" / f"{kind}.json"
     folder = model_dir(root, kind)
-    if record.is_file() and json.loads(record.read_text())["request"] == request and folder.is_dir():
+
+    def built() -> bool:
+        return record.is_file() and json.loads(record.read_text())["request"] == request and folder.is_dir()
+    if built():
         return folder
-    started = time.perf_counter()
-    shutil.rmtree(folder, ignore_errors=True)
-    _run_worker("make", request, root, root / "logs_v1" / kind, timeout)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"request": request, "seconds": time.perf_counter() - started}, indent=1))
+    with one_build_at_a_time(root):
+        if built():  # by another process while this one waited
+            return folder
+        started = time.perf_counter()
+        shutil.rmtree(folder, ignore_errors=True)
+        _run_worker("make", request, root, root / "logs_v1" / kind, timeout)
+        write_record(record, {"request": request, "seconds": time.perf_counter() - started})
     return folder
 
 

@@ -24,18 +24,27 @@ import sys
 from pathlib import Path
 
 import nnunet_reference as ref
+from build_lock import one_build_at_a_time, write_record
 
 
 def export_zip(root, model_dir, timeout: float = 600) -> Path:
     """A zip of `model_dir` (a trained folder under root's nnUNet_results or variants) made by nnU-Net's export."""
     root, model_dir = Path(root).resolve(), Path(model_dir).resolve()
-    dataset, (trainer, plans, configuration) = model_dir.parent.name, model_dir.name.split("__")
     folds = sorted(p.name[len("fold_"):] for p in model_dir.glob("fold_*") if p.is_dir())
-    target = root / "zips" / f"{dataset}__{model_dir.name}.zip"
+    target = root / "zips" / f"{model_dir.parent.name}__{model_dir.name}.zip"
     record = target.with_suffix(".json")
     key = _key(model_dir)
     if target.is_file() and record.is_file() and json.loads(record.read_text()) == key:
         return target
+    with one_build_at_a_time(root):
+        if not (target.is_file() and record.is_file() and json.loads(record.read_text()) == key):
+            _export(root, model_dir, target, folds, timeout)
+            write_record(record, key)
+    return target
+
+
+def _export(root: Path, model_dir: Path, target: Path, folds: list, timeout: float) -> None:
+    dataset, (trainer, plans, configuration) = model_dir.parent.name, model_dir.name.split("__")
     work = root / "zips" / f"work_{dataset}__{model_dir.name}"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(model_dir, work / "nnUNet_results" / dataset / model_dir.name)
@@ -55,9 +64,7 @@ def export_zip(root, model_dir, timeout: float = 600) -> Path:
     if done.returncode != 0 or not target.is_file():
         tail = (work / "export.log").read_text(errors="replace")[-4000:]
         raise ref.NnunetReferenceError(f"nnU-Net's export failed (exit {done.returncode}):\n{tail}")
-    record.write_text(json.dumps(key))
     shutil.rmtree(work, ignore_errors=True)
-    return target
 
 
 def _key(model_dir: Path) -> dict:

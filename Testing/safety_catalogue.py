@@ -973,7 +973,7 @@ def _zip_fifo_member(ctx):
 
 
 @case(ZIPS, "a zip bomb: 33 MB that unpack to 33 GB of zeros",
-      Refused("error: Refusing bomb.zip: it would unpack to 33.3 GB, more than the 32.0 GB a model zip may hold."))
+      Refused("error: Refusing bomb.zip: it would unpack to 33.3 GB, more than the 32 GB a model zip may hold."))
 def _zip_bomb(ctx):
     return add_zip(ctx, zip_bomb(zips(ctx) / "bomb.zip", 31))
 

@@ -19,15 +19,15 @@ import torch
 from model_factory import make_model_folder
 from SegmentMBTFELib import Cancelled, InputError, load_model, read_volume
 from SegmentMBTFELib.models.shipped import default_model
-from SegmentMBTFELib.training.finetune import Case, FinetuneSettings, _Loss, budget_seconds, dice_per_label, finetune
-from SegmentMBTFELib.volume import Volume
+from SegmentMBTFELib.training.finetune import FinetuneSettings, _Loss, budget_seconds, dice_per_label, finetune
+from SegmentMBTFELib.volume import CorrectedCase, Volume
 
 FAST = dict(evaluate=False, batch_size=2)
 
 
-def _case(shared_data: Path, case_id: str) -> Case:
+def _case(shared_data: Path, case_id: str) -> CorrectedCase:
     root = shared_data / "hippocampus" / "train"
-    return Case(case_id, [read_volume(root / "images" / f"{case_id}.nii.gz")],
+    return CorrectedCase(case_id, [read_volume(root / "images" / f"{case_id}.nii.gz")],
                 read_volume(root / "labels" / f"{case_id}.nii.gz"))
 
 
@@ -195,11 +195,11 @@ def test_bad_cases_get_one_clear_message(tiny, cases):
     cropped = labels.with_array(labels.array[1:])
     empty = labels.with_array(np.zeros_like(labels.array))
     expectations = [
-        (Case("a", [image], wrong_value), "value(s) 5"),
-        (Case("b", [image], shifted), "grid"),
-        (Case("c", [image], cropped), "voxels but the image"),
-        (Case("d", [image, image], labels), "needs 1 input image"),
-        (Case("e", [image], empty), "nothing to learn"),
+        (CorrectedCase("a", [image], wrong_value), "value(s) 5"),
+        (CorrectedCase("b", [image], shifted), "grid"),
+        (CorrectedCase("c", [image], cropped), "voxels but the image"),
+        (CorrectedCase("d", [image, image], labels), "needs 1 input image"),
+        (CorrectedCase("e", [image], empty), "nothing to learn"),
     ]
     for case, words in expectations:
         with pytest.raises(InputError, match=re.escape(words)):

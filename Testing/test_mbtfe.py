@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from build_lock import one_build_at_a_time, write_record
 import model_factory
 import nnunet_reference as ref
 from SegmentMBTFELib import ModelError, load_model
@@ -394,9 +395,20 @@ def mbtfe_model(registered_trainer, hippo3d_model) -> Path:
     request = {"trainer": TRAINER, "dataset": hippo3d_model.parent.name, "seed": 0, "train_iterations": 2,
                "source": _source_hash(), "plans": hashlib.sha256(plans_file.read_bytes()).hexdigest()[:16]}
     record = root / "records" / f"{TRAINER}.json"
-    if record.is_file() and json.loads(record.read_text()) == request and (model_dir / "fold_0").is_dir():
+
+    def built() -> bool:
+        return record.is_file() and json.loads(record.read_text()) == request and (model_dir / "fold_0").is_dir()
+    if built():
         return model_dir
-    shutil.rmtree(model_dir, ignore_errors=True)
+    with one_build_at_a_time(root):  # the other reference builds share this root's hippocampus data
+        if not built():
+            shutil.rmtree(model_dir, ignore_errors=True)
+            _train_mbtfe(root, request)
+            write_record(record, request)
+    return model_dir
+
+
+def _train_mbtfe(root: Path, request: dict) -> None:
     log_dir = root / "logs" / TRAINER
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "train_request.json").write_text(json.dumps(request))
@@ -405,9 +417,6 @@ def mbtfe_model(registered_trainer, hippo3d_model) -> Path:
                               env=dict(os.environ, **nnunet_environment(root)), stdout=log,
                               stderr=subprocess.STDOUT, timeout=1200)
     assert done.returncode == 0, (log_dir / "train.log").read_text()[-6000:]
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(request))
-    return model_dir
 
 
 def test_trainer_writes_the_network_into_plans_and_checkpoint(mbtfe_model):

@@ -196,6 +196,28 @@ def test_real_v1_files_hold_only_plain_data(v1_model):
     assert read_pickle(folder.path / "fold_0" / "model_final_checkpoint.model.pkl")["name"] == "nnUNetTrainerV2"
 
 
+def test_a_v1_folder_names_its_own_files_in_every_message(v1_model, tmp_path):
+    """v1 and v2 folders share one base (models/trained_folder.py); v1's file names, its `all` fold folder and its
+    plans reach what the base says: the note on a fold left out, the checkpoint refused, the axes order checked."""
+    trained = tmp_path / "Task901_Hippocampus" / "nnUNetTrainerV2__nnUNetPlansv2.1"
+    shutil.copytree(v1_model("hippo3d"), trained)
+    (trained / "fold_3").mkdir()      # training stopped before its first checkpoint
+    (trained / "all").mkdir()
+    folder = V1ModelFolder(trained)
+    assert folder.fold_folders() == ["0", "3", "all"] and folder.available_folds() == ["0"]
+    assert folder.checkpoint_path("all", "best") == trained / "all" / "model_best.model"
+    assert load_model(trained).notes == [
+        f"{trained.name}/fold_3 has no model_final_checkpoint.model and was left out.",
+        f"{trained.name}/all has no model_final_checkpoint.model and was left out."]
+    for name in ("../fold_0/model_final_checkpoint.model", "checkpoint_final.pth"):
+        with pytest.raises(ModelError, match=r"Unknown checkpoint .* for an nnU-Net v1 model: use final, best or a "
+                                             r"file name ending in \.model\."):
+            folder.checkpoint_filename(name)
+    folder.plans["transpose_forward"] = [np.int64(0), np.int64(0), np.int64(2)]
+    with pytest.raises(ModelError, match=r"The v1 plans: 'transpose_forward' must be an order of the axes 0, 1, 2"):
+        folder.transpose_forward
+
+
 # -- models home ---------------------------------------------------------------------------------------------------
 
 def v1_zip(root: Path, path: Path) -> Path:

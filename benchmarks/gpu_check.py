@@ -291,9 +291,10 @@ def finetuning(check: Check):
     import torch
     from SegmentMBTFELib import load_model
     from SegmentMBTFELib.io.images import read_volume
-    from SegmentMBTFELib.training.finetune import Case, FinetuneSettings, finetune
+    from SegmentMBTFELib.training.finetune import FinetuneSettings, finetune
+    from SegmentMBTFELib.volume import CorrectedCase
     labels = check.carry / "data" / "hippocampus" / "labels"
-    cases = [Case(image.name.split(".")[0], [read_volume(image)], read_volume(labels / image.name))
+    cases = [CorrectedCase(image.name.split(".")[0], [read_volume(image)], read_volume(labels / image.name))
              for image in check.hippocampus(3)]
     model = load_model(SHIPPED["hippocampus_nnunet"])
     iterations = 3 if check.dry else 40

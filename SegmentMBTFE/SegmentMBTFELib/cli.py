@@ -392,15 +392,15 @@ def _timing_text(timing: dict) -> str:
 
 
 def _read_cases(image_specs, label_paths):
-    """finetune.Case objects from the command line's case images ("a.nii.gz" or "a_0000.nii.gz,a_0001.nii.gz")."""
+    """CorrectedCase objects from the command line's case images ("a.nii.gz" or "a_0000.nii.gz,a_0001.nii.gz")."""
     from .io.images import read_channels, read_volume
-    from .training.finetune import Case
+    from .volume import CorrectedCase
     cases = []
     for spec, label_path in zip(image_specs, label_paths):
         channels = [p for p in spec.split(",") if p]
         images = read_channels(channels)
         labels = read_volume(label_path)
-        cases.append(Case(Path(channels[0]).name, images, labels))
+        cases.append(CorrectedCase(Path(channels[0]).name, images, labels))
     return cases
 
 

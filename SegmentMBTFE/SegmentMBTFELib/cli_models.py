@@ -76,7 +76,7 @@ def _info(args):
          + (" (regions)" if folder.labels.has_regions else "")),
         ("Configurations", ", ".join(folder.plans.get("configurations", {})) or folder.configuration.name),
         ("Configuration", c.name + (f" (refines {c.previous_stage})" if c.previous_stage else "")),
-        ("Folds", ", ".join(folder.available_folds("final")) or "none with checkpoint_final.pth"),
+        ("Folds", ", ".join(folder.available_folds("final")) or f"none with {folder.checkpoint_filename('final')}"),
         ("Folds (best)", ", ".join(folder.available_folds("best")) or "none"),
         ("Network", network_text(c.architecture, folder.trainer_name or "")),
         ("Patch size", " x ".join(str(p) for p in c.patch_size)),

@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,6 +34,39 @@ def decode(line) -> Optional[dict]:
     except (UnicodeDecodeError, ValueError):
         return None
     return message if isinstance(message, dict) else None
+
+
+# -- the messages: built and handed on here, by both sides ----------------------------------------------------
+# A request names its "command" (segment, segment_files, finetune; cancel, shutdown), a reply its "type" (started,
+# ready, progress, fallback, result, error, cancelled, exit); a job's messages carry its "id". worker.py documents
+# each message's fields.
+LAST_REPLIES = ("result", "error", "cancelled")   # a job's last message: one of these, once
+
+
+def request(command: str, job_id=None, **fields) -> dict:
+    """A message from the module to the worker."""
+    return {"command": command, **({"id": job_id} if job_id is not None else {}), **fields}
+
+
+def reply(kind: str, job_id=None, **fields) -> dict:
+    """A message from the worker to the module."""
+    return {**({"id": job_id} if job_id is not None else {}), "type": kind, **fields}
+
+
+def error_reply(job_id, error: BaseException, details: str = "") -> dict:
+    """An error as the module raises it again (SegmentMBTFESlicer/jobs.error_from): its class, one sentence and,
+    for a bug, the traceback."""
+    fields = {"class": type(error).__name__, "message": str(error) or type(error).__name__}
+    return reply("error", job_id, **fields, **({"details": details} if details else {}))
+
+
+def dispatch(message: dict, handlers: dict, otherwise: Callable[[dict], Any] = None):
+    """Hand a message to the handler of its kind (a request's "command", a reply's "type"); a kind without one
+    goes to `otherwise` (by default it is ignored). Returns what the handler returned."""
+    kind = message.get("command", message.get("type"))
+    handler = handlers.get(kind) if isinstance(kind, str) else None
+    handler = handler or otherwise
+    return handler(message) if handler is not None else None
 
 
 def log_record(line: str) -> Optional[Tuple[str, str]]:

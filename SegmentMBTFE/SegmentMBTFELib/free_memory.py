@@ -12,8 +12,6 @@ from typing import Optional
 
 from .errors import OutOfMemory
 
-GB = 1 << 30
-
 
 def available_bytes() -> Optional[int]:
     """Memory this process can still get (free RAM + free swap, within a container's limit); None when
@@ -70,11 +68,12 @@ def _windows_available() -> Optional[int]:
 
 
 def size_text(count: float) -> str:
-    """Bytes in words: '512 MB', '3.2 GB', '4.1 TB'."""
-    for unit, size in (("TB", 1 << 40), ("GB", GB), ("MB", 1 << 20)):
+    """Bytes in words, in the decimal units disks and file managers use: '512 MB', '3.2 GB', '4.1 TB'. The one
+    way the product writes a size (memory, disk space, zips, models)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= size:
             return f"{count / size:.3g} {unit}"
-    return f"{max(count, 0) / 1024:.3g} kB"
+    return f"{max(int(count), 0)} bytes"
 
 
 def refuse_unless_it_fits(needed: float, what: str, advice: str):

@@ -16,10 +16,11 @@ def open_model(model_path, version: str = None, configuration: str = None, folds
                checkpoint: str = "final", cache=None):
     """(Model, Version): the model's chosen version (by default its current one), loaded."""
     from .inference.loading import load_model
-    from .models.folder import CHECKPOINTS, checkpoint_filename
+    from .models.folder import ModelFolder
     from .models.versions import ORIGINAL, resolve
     folder, chosen = resolve(model_path, version, configuration=configuration)
-    if chosen.id != ORIGINAL and checkpoint_filename(checkpoint) != CHECKPOINTS["final"]:
+    # a version is a v2 folder of final checkpoints (versions.py)
+    if chosen.id != ORIGINAL and ModelFolder.checkpoint_filename(checkpoint) != ModelFolder.CHECKPOINTS["final"]:
         raise SegmentError(f"Version {chosen.id} holds only final checkpoints; use --version original for "
                            f"--checkpoint {checkpoint}.")
     load = cache.get if cache is not None else load_model

@@ -5,7 +5,7 @@ reversed, the same as Slicer's `arrayFromVolume` KJI array), while `spacing`, `o
 in ITK's (x, y, z) LPS order, with `direction` the 3x3 matrix flattened row by row.
 """
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -49,3 +49,13 @@ class Volume:
 def label_dtype(largest: int):
     """The smallest unsigned type holding label values up to `largest`: uint8 up to 255, then wider."""
     return next(t for t in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(t).max)
+
+
+@dataclass
+class CorrectedCase:
+    """One case a clinician corrected, as fine-tuning takes it: the image(s), one per model channel, and the
+    corrected label map in their grid, holding the model's label values (0 is background). Here, beside Volume,
+    because the Slicer module builds it (without torch) and the training code reads it."""
+    name: str
+    images: List[Volume]
+    labels: Volume

@@ -66,7 +66,7 @@ def main(idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
     # force: the command line already configured logging for itself (errors only), which would hide warnings
     logging.basicConfig(level=logging.WARNING, format=exchange.LOG_FORMAT, stream=sys.stderr, force=True)
     worker = Worker(output, idle_timeout)
-    worker.send({"type": "started", "pid": os.getpid()})
+    worker.send(exchange.reply("started", pid=os.getpid()))
     threading.Thread(target=worker.read_requests, args=(sys.stdin.buffer,), name="requests", daemon=True).start()
     worker.serve()
     _exit_at_once(0)
@@ -122,17 +122,17 @@ class Worker:
             if request is None:
                 log.warning("ignored a line that is not a JSON object: %r", line[:200])
                 continue
-            command = request.get("command")
-            if command == "cancel":
-                self._cancel_job(request.get("id"))
-            elif command == "shutdown":
-                self._stop("shutdown")
+            at_once = {"cancel": self._cancel_job, "shutdown": self._shutdown}  # the rest wait in the queue
+            if exchange.dispatch(request, at_once, otherwise=self._requests.put) == "stopped":
                 return
-            else:
-                self._requests.put(request)
         self._stop("input closed")  # Slicer exited or died: nobody is waiting for results
 
-    def _cancel_job(self, job_id) -> None:
+    def _shutdown(self, request: dict) -> str:
+        self._stop("shutdown")
+        return "stopped"
+
+    def _cancel_job(self, request: dict) -> None:
+        job_id = request.get("id")
         with self._state:
             if job_id is None or job_id == self._running:
                 self._cancel.set()
@@ -147,16 +147,16 @@ class Worker:
     def serve(self) -> None:
         import_torch_quietly()  # now, so the first job does not wait for it
         import torch
-        self.send({"type": "ready", "protocol": exchange.PROTOCOL, "pid": os.getpid(),
-                   "python": sys.executable, "torch": torch.__version__})
+        self.send(exchange.reply("ready", protocol=exchange.PROTOCOL, pid=os.getpid(), python=sys.executable,
+                                 torch=torch.__version__))
         while True:
             try:
                 request = self._requests.get(timeout=self.idle_timeout)
             except queue.Empty:
-                self.send({"type": "exit", "reason": "idle"})
+                self.send(exchange.reply("exit", reason="idle"))
                 return
             if isinstance(request, str):
-                self.send({"type": "exit", "reason": request})
+                self.send(exchange.reply("exit", reason=request))
                 return
             self.run(request)
 
@@ -177,14 +177,13 @@ class Worker:
             result = handler(self, request, Reporter(self, job_id), self._cancel)
             if self._cancel.is_set():
                 raise Cancelled()
-            self.send({"id": job_id, "type": "result", **result})
+            self.send(exchange.reply("result", job_id, **result))
         except Cancelled:
-            self.send({"id": job_id, "type": "cancelled"})
+            self.send(exchange.reply("cancelled", job_id))
         except SegmentError as error:
-            self.send({"id": job_id, "type": "error", "class": type(error).__name__, "message": str(error)})
+            self.send(exchange.error_reply(job_id, error))
         except Exception as error:  # noqa: BLE001 - a bug: its class, message and traceback go to the module
-            self.send({"id": job_id, "type": "error", "class": type(error).__name__,
-                       "message": str(error) or type(error).__name__, "details": traceback.format_exc()})
+            self.send(exchange.error_reply(job_id, error, traceback.format_exc()))
         finally:
             with self._state:
                 self._running = None
@@ -201,16 +200,15 @@ class Reporter:
     def __call__(self, fraction: float, stage: str) -> None:
         from .inference.devices import FALLBACK_MESSAGES
         if stage in FALLBACK_MESSAGES:
-            self.worker.send({"id": self.job_id, "type": "fallback", "message": stage})
+            self.worker.send(exchange.reply("fallback", self.job_id, message=stage))
         now, kind = time.monotonic(), DIGITS.sub("#", stage)
         if now - self._last < PROGRESS_INTERVAL and fraction < 1.0 and kind == self._last_stage:
             return
         self._last, self._last_stage = now, kind
-        message = {"id": self.job_id, "type": "progress", "fraction": round(float(fraction), 4), "stage": stage}
         tile = TILE.search(stage)
-        if tile:
-            message["tile"], message["tiles"] = int(tile.group(1)), int(tile.group(2))
-        self.worker.send(message)
+        tiles = {"tile": int(tile.group(1)), "tiles": int(tile.group(2))} if tile else {}
+        self.worker.send(exchange.reply("progress", self.job_id, fraction=round(float(fraction), 4), stage=stage,
+                                        **tiles))
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -262,12 +260,13 @@ def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
     """A new version (not made current: the module does that once it knows nobody cancelled meanwhile)."""
     from dataclasses import fields
     from .tasks import open_model, finetune_version
-    from .training.finetune import Case, FinetuneSettings
+    from .training.finetune import FinetuneSettings
+    from .volume import CorrectedCase
     folder, started = request["folder"], time.perf_counter()
     known = {f.name for f in fields(FinetuneSettings)}
     settings = FinetuneSettings(**{k: v for k, v in (request.get("settings") or {}).items() if k in known})
-    cases = [Case(str(case["name"]), [exchange.read_volume(folder, v) for v in case["images"]],
-                  exchange.read_volume(folder, case["labels"])) for case in request["cases"]]
+    cases = [CorrectedCase(str(case["name"]), [exchange.read_volume(folder, v) for v in case["images"]],
+                           exchange.read_volume(folder, case["labels"])) for case in request["cases"]]
     progress(0.0, "loading the model")
     model, parent = open_model(request["model"], cache=worker.models)
     version, result = finetune_version(model, request["model"], cases, (), settings, progress, cancel,

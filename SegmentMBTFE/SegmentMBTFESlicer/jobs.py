@@ -22,7 +22,7 @@ import qt
 
 import slicer
 
-from SegmentMBTFELib import errors
+from SegmentMBTFELib import errors, exchange
 
 from . import worker_process
 
@@ -160,21 +160,25 @@ class Job:
 
     # -- from the worker (main thread, through worker_process.py) --------------------------------------------------
     def receive(self, message: dict) -> None:
-        kind = message.get("type")
-        if kind == "progress":
-            if self._on_progress and not self.cancelling:
-                self._on_progress(float(message.get("fraction", 0.0)), str(message.get("stage", "")))
-        elif kind == "fallback":
-            self.messages.append(str(message.get("message", "")))
-            log.warning("SegmentMBTFE: %s", message.get("message"))
-        elif kind == "cancelled":
-            self._finish(Outcome(cancelled=True))
-        elif kind == "error":
-            error = error_from(message)
-            self._finish(Outcome(error=error, details=getattr(error, "details", "")))
-        elif kind == "result":
-            self.reply = message
-            self._finish(self._settled(message))
+        exchange.dispatch(message, {"progress": self._progressed, "fallback": self._fellBack,
+                                    "cancelled": lambda _message: self._finish(Outcome(cancelled=True)),
+                                    "error": self._failed, "result": self._succeeded})
+
+    def _progressed(self, message: dict) -> None:
+        if self._on_progress and not self.cancelling:
+            self._on_progress(float(message.get("fraction", 0.0)), str(message.get("stage", "")))
+
+    def _fellBack(self, message: dict) -> None:
+        self.messages.append(str(message.get("message", "")))
+        log.warning("SegmentMBTFE: %s", message.get("message"))
+
+    def _failed(self, message: dict) -> None:
+        error = error_from(message)
+        self._finish(Outcome(error=error, details=getattr(error, "details", "")))
+
+    def _succeeded(self, message: dict) -> None:
+        self.reply = message
+        self._finish(self._settled(message))
 
     def workerDied(self, text: str) -> None:
         self._finish(Outcome(cancelled=True) if self.cancelling else Outcome(error=WorkerDied(text)))

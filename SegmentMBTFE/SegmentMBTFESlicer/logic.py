@@ -34,8 +34,8 @@ def start_segmentation(volume_nodes, model_path: str, options: runner.Options, o
     try:
         inputs = runner.prepare_inputs(volume_nodes)
         folder = tempfile.mkdtemp(prefix="SegmentMBTFE-")
-        request = {"command": "segment", "folder": folder, "model": model_path, "options": options.request(),
-                   "inputs": [exchange.write_volume(folder, f"input_{i}", v) for i, v in enumerate(inputs.volumes)]}
+        request = exchange.request("segment", folder=folder, model=model_path, options=options.request(), inputs=[
+            exchange.write_volume(folder, f"input_{i}", v) for i, v in enumerate(inputs.volumes)])
     except BaseException:
         _abandon(folder)
         raise
@@ -74,8 +74,8 @@ def segment_files(paths, model_path: str, output_dir, options: runner.Options, p
     if not output_dir:
         raise InputError("Give the folder to write the segmentations into (outputDir).")
     cases = [[str(p)] if isinstance(p, (str, Path)) else [str(c) for c in p] for p in paths]
-    request = {"command": "segment_files", "model": model_path, "cases": cases, "format": file_format,
-               "output_dir": str(Path(output_dir).expanduser().resolve()), "options": options.request()}
+    request = exchange.request("segment_files", model=model_path, cases=cases, format=file_format,
+                               output_dir=str(Path(output_dir).expanduser().resolve()), options=options.request())
     jobs.claim("segmentation")  # only now: a request that could not be made must not leave the flag taken
     job = jobs.Job("segmentation", request, None, _written_files, progress)
     return result_of(job.start().wait(cancel))
@@ -106,8 +106,8 @@ def start_finetune(plan: runner.FinetunePlan, settings: dict, make_current: bool
         cases = [{"name": case.name, "labels": exchange.write_volume(folder, f"labels_{i}", case.labels),
                   "images": [exchange.write_volume(folder, f"image_{i}_{c}", v) for c, v in enumerate(case.images)]}
                  for i, case in enumerate(plan.cases)]
-        request = {"command": "finetune", "folder": folder, "model": plan.model_path, "cases": cases,
-                   "settings": settings}
+        request = exchange.request("finetune", folder=folder, model=plan.model_path, cases=cases,
+                                   settings=settings)
     except BaseException:
         _abandon(folder)
         raise

@@ -19,8 +19,10 @@ import numpy as np
 import slicer
 
 from SegmentMBTFELib.exchange import FinetuneSummary
+from SegmentMBTFELib.io.terminology import terminology_for
+from SegmentMBTFELib.volume import CorrectedCase
 
-from . import catalog, corrections, segmentation, terminology
+from . import catalog, corrections, segmentation
 from .volumes import Geometry, geometry_of, same_grid, volume_from_node
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ def apply_prediction(prediction: SegmentsResult, geometry: Geometry, scene, outp
         values = [value for value, _ in prediction.segments]
         segmentation.write_labels(node, prediction.labels, geometry, prediction.segments, model_name,
                                   str(settings.get("checksum", "")), segment_colors(max(values, default=0)),
-                                  lambda label: terminology.terminology_for(label, model_name))
+                                  lambda label: terminology_for(label, model_name))
         segmentation.record_provenance(node, settings)
         segmentation.show(node, closed_surface=show3d)
     except Exception:
@@ -159,14 +161,6 @@ def _new_segmentation(scene, name: str, geometry: Geometry):
 
 
 # ----------------------------------------------------------------------------------------------- fine-tuning
-
-@dataclass
-class CorrectedCase:
-    """One corrected case copied out of the scene: its channel volumes and the label map drawn on them."""
-    name: str
-    images: list                # engine Volumes, one per channel
-    labels: object              # engine Volume on the first channel's grid, holding the model's label values
-
 
 @dataclass
 class FinetunePlan:

@@ -6,7 +6,7 @@ files as the module writes into segments. What only Slicer needs is the file loa
 shows a segment's terminology only when the context its entry names is loaded, so the module loads ours
 at startup, as SlicerTotalSegmentator loads its own.
 """
-from SegmentMBTFELib.io.terminology import TERMINOLOGY_FILE, context_name, terminology_for  # noqa: F401 (re-exported)
+from SegmentMBTFELib.io.terminology import TERMINOLOGY_FILE, context_name
 
 
 def load_into_slicer() -> bool:

@@ -127,7 +127,7 @@ class WorkerProcess:
         for job, _request in list(self._jobs.values()):
             job.cancel()
         if self.running:
-            process.write(qt.QByteArray(exchange.encode({"command": "shutdown"})))
+            process.write(qt.QByteArray(exchange.encode(exchange.request("shutdown"))))
             process.closeWriteChannel()
             if not process.waitForFinished(wait_ms):
                 self._end(process)
@@ -168,7 +168,7 @@ class WorkerProcess:
 
     def cancel(self, job_id: int) -> None:
         if self.running:
-            self._send({"command": "cancel", "id": job_id})
+            self._send(exchange.request("cancel", job_id))
 
     def forget(self, job_id: int) -> None:
         self._jobs.pop(job_id, None)
@@ -200,18 +200,22 @@ class WorkerProcess:
         if message is None:
             log.warning("SegmentMBTFE worker: ignored output that is not a message: %r", line[:200])
             return
-        kind = message.get("type")
-        if kind in ("started", "ready"):
-            self._greeted(message)
-        elif kind == "exit":
-            self.exit_reason = str(message.get("reason", ""))
-        elif message.get("id") in self._jobs:
-            job, _request = self._jobs[message["id"]]
-            if kind in ("result", "error", "cancelled"):
-                del self._jobs[message["id"]]
-            job.receive(message)
-        else:
-            log.warning("SegmentMBTFE worker: ignored a message the module does not understand: %r", line[:200])
+        exchange.dispatch(message, {"started": self._greeted, "ready": self._greeted, "exit": self._exited},
+                          otherwise=self._toJob)
+
+    def _exited(self, message: dict) -> None:
+        self.exit_reason = str(message.get("reason", ""))
+
+    def _toJob(self, message: dict) -> None:
+        """A job's message goes to its job; its last (result, error, cancelled) ends the job's place here."""
+        if message.get("id") not in self._jobs:
+            log.warning("SegmentMBTFE worker: ignored a message the module does not understand: %r",
+                        exchange.encode(message)[:200])
+            return
+        job, _request = self._jobs[message["id"]]
+        if message.get("type") in exchange.LAST_REPLIES:
+            del self._jobs[message["id"]]
+        job.receive(message)
 
     def _greeted(self, message: dict) -> None:
         """The first messages, "started" (at once) and "ready" (torch imported), name the real worker's pid;

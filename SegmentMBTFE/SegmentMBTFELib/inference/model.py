@@ -22,7 +22,7 @@ from ..errors import InputError, ModelError, OutOfMemory
 from ..free_memory import refuse_unless_it_fits
 from ..io.images import geometry_difference
 from ..models.checkpoint import load_checkpoint, load_weights, weights_mismatch
-from ..models.folder import ModelFolder, checkpoint_filename
+from ..models.trained_folder import TrainedFolder
 from ..networks import build_network, architecture_for_trainer, inference_weights, knows_trainer
 from ..nnunet_trainers import unknown_trainer_message
 from ..progress import Progress
@@ -79,7 +79,7 @@ class Model:
     _export = staticmethod(export)
     _maps_at_model_spacing = staticmethod(maps_at_model_spacing)
 
-    def __init__(self, folder: ModelFolder, folds: Sequence = None, checkpoint: str = "final"):
+    def __init__(self, folder: TrainedFolder, folds: Sequence = None, checkpoint: str = "final"):
         self.folder = folder
         self.checkpoint_name = checkpoint
         available = folder.available_folds(checkpoint)
@@ -105,7 +105,8 @@ class Model:
         self.postprocessing = folder.postprocessing()
         self._checksum = None
         # a fold folder without the checkpoint (training stopped early, a copy cut short) is left out: say so
-        self.notes = [f"{folder.path.name}/fold_{fold} has no {checkpoint_filename(checkpoint)} and was left out."
+        self.notes = [f"{folder.checkpoint_path(fold, checkpoint).parent.relative_to(folder.path.parent)} has no "
+                      f"{folder.checkpoint_filename(checkpoint)} and was left out."
                       for fold in folder.fold_folders() if fold not in available] if not folds else []
 
     def _read_checkpoint(self, path) -> dict:
@@ -408,7 +409,7 @@ def _check_content(volume: Volume, model_is_2d: bool):
         raise InputError(f"{name} has no content: every voxel is {a.flat[0]}.")
 
 
-def _broken_link(folder: ModelFolder, checkpoint: str) -> str:
+def _broken_link(folder: TrainedFolder, checkpoint: str) -> str:
     """Why a fold's checkpoint that is a link to a missing file cannot load, or ''."""
     for fold in folder.fold_folders():
         path = folder.checkpoint_path(fold, checkpoint)

@@ -177,8 +177,7 @@ def load_weights(network: torch.nn.Module, weights: dict, source) -> None:
     """Load weights strictly; a mismatch names the missing and unexpected keys (the usual sign of a wrong trainer)."""
     problem = weights_mismatch(network, weights)
     if problem:
-        end = "." if "has shape" in problem else ""
-        raise ModelError(f"The weights in {source} do not fit the network its plans describe: {problem}{end}")
+        raise ModelError(f"The weights in {source} do not fit the network its plans describe: {problem}.")
     _refuse_non_finite(weights, source)
     network.load_state_dict(weights)
 

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Tuple
 
 from ..errors import ModelError
 from ..nnunet_trainers import primus_title
+from .trained_folder import TrainedFolder, short_text as _short
 
-CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 # networks named in a model's name (nnU-Net's own are not): class name in the plans -> what people call it
 NAMED_NETWORKS = {"MBTFEUNet": "MBTFE-UNet", "UNetPlusPlus": "UNet++", "SegResNetVAE": "SegResNetVAE",
@@ -90,12 +90,6 @@ def _label_values(name, value) -> tuple:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_background(value) -> bool:
@@ -251,8 +245,11 @@ def _architecture_from_old_plans(settings: dict) -> dict:
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
 
-class ModelFolder:
+class ModelFolder(TrainedFolder):
     """A trained nnU-Net v2 configuration folder: `dataset.json`, `plans.json`, `fold_*/checkpoint_*.pth`."""
+    CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+    CHECKPOINT_SUFFIX = ".pth"
+    PLANS = "plans.json"
 
     def __init__(self, path, configuration: Optional[str] = None):
         self.path = find_trained_folder(Path(path), configuration)
@@ -268,7 +265,7 @@ class ModelFolder:
         """'Dataset004_Hippocampus (3d_fullres)'; a network other than nnU-Net's own is named too, so two
         models of one dataset stay apart (in the panel and in the tags of the segments they make)."""
         title = network_title(self.configuration.architecture, self.trainer_name)
-        extra = f", {title}" if title in NAMED_NETWORKS.values() or primus_title(self.trainer_name) else ""
+        extra = f", {title}" if title in NAMED_NETWORKS.values() or title.startswith("Primus") else ""
         dataset = " ".join(str(self.plans.get("dataset_name", self.path.parent.name)).split())
         return f"{dataset} ({self.configuration_name}{extra})"
 
@@ -281,14 +278,6 @@ class ModelFolder:
         return [str(channels[k]) for k in sorted(channels, key=_channel_number)]
 
     @property
-    def transpose_forward(self) -> List[int]:
-        return _permutation(self.plans.get("transpose_forward", [0, 1, 2]), "transpose_forward")
-
-    @property
-    def transpose_backward(self) -> List[int]:
-        return _permutation(self.plans.get("transpose_backward", [0, 1, 2]), "transpose_backward")
-
-    @property
     def intensity_properties(self) -> Dict[str, dict]:
         properties = (self.plans.get("foreground_intensity_properties_per_channel")
                       or self.plans.get("foreground_intensity_properties_by_modality") or {})
@@ -296,20 +285,6 @@ class ModelFolder:
             raise ModelError("plans.json: the foreground intensity properties must hold one set of figures per "
                              "channel.")
         return properties
-
-    def available_folds(self, checkpoint: str = "final") -> List[str]:
-        """Folds holding the checkpoint; `fold_all` only when no numbered fold exists (nnU-Net skips it)."""
-        filename = checkpoint_filename(checkpoint)
-        folds = [m.group(1) for d in self.path.iterdir() if (m := _FOLD.match(d.name)) and (d / filename).is_file()]
-        numbered = sorted((f for f in folds if f != "all"), key=int)
-        return numbered or [f for f in folds if f == "all"]
-
-    def fold_folders(self) -> List[str]:
-        """Every fold folder's fold (\"0\", \"all\"...), with or without a checkpoint."""
-        return [m.group(1) for d in sorted(self.path.iterdir()) if (m := _FOLD.match(d.name)) and d.is_dir()]
-
-    def checkpoint_path(self, fold, checkpoint: str = "final") -> Path:
-        return self.path / f"fold_{fold}" / checkpoint_filename(checkpoint)
 
     def postprocessing(self) -> Optional[dict]:
         """nnU-Net's postprocessing.json from cross-validation, when the folder has one (the .pkl is never read)."""
@@ -319,6 +294,9 @@ class ModelFolder:
             postprocessing_steps(recipe)  # checked now, not after minutes of work
             return recipe
         return None
+
+    def _fold_folders(self) -> Dict[str, Path]:
+        return fold_folders_in(self.path)
 
     def _single_configuration(self) -> str:
         names = list(_configurations(self.plans))
@@ -336,18 +314,9 @@ def _channel_number(key) -> int:
         raise ModelError(f"dataset.json: channel '{_short(key)}' must be numbered \"0\", \"1\", ...") from None
 
 
-def _permutation(value, key: str) -> List[int]:
-    if not _numbers(value, integral=True) or sorted(value) != [0, 1, 2]:
-        raise ModelError(f"plans.json: '{key}' must be an order of the axes 0, 1, 2, not {_short(value)}.")
-    return [int(v) for v in value]
-
-
-def checkpoint_filename(checkpoint: str) -> str:
-    if checkpoint in CHECKPOINTS:
-        return CHECKPOINTS[checkpoint]
-    if checkpoint.endswith(".pth"):
-        return checkpoint
-    raise ModelError(f"Unknown checkpoint '{checkpoint}': use final, best or a file name ending in .pth.")
+def fold_folders_in(trained: Path) -> Dict[str, Path]:
+    """{fold: folder} for a v2 trained folder's fold_0, fold_1, ..., fold_all."""
+    return {m.group(1): d for d in trained.iterdir() if (m := _FOLD.match(d.name)) and d.is_dir()}
 
 
 def _split_folder_name(name: str):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import ModelError
+from ..free_memory import size_text
 from . import zips as model_zips
 from .folder import find_trained_folder, network_title
 from .nnunet_v1 import is_v1_folder, is_v1_trained_folder, v1_trained_folders
@@ -342,7 +343,7 @@ def _trained_folders(path: Path) -> List[Path]:
 def _configuration(trained: Path) -> TrainedConfiguration:
     folder = open_model_folder(trained)
     network = network_title(folder.configuration.architecture, folder.trainer_name)
-    network = "Generic_UNet (nnU-Net v1)" if getattr(folder, "nnunet_version", 2) == 1 else network
+    network = "Generic_UNet (nnU-Net v1)" if folder.nnunet_version == 1 else network
     folds = folder.available_folds("final") or folder.available_folds("best")
     return TrainedConfiguration(folder.configuration_name, trained, folder.name, network, folds,
                                 str(folder.trainer_name or ""))
@@ -357,13 +358,6 @@ def _size(path: Path) -> int:
             except OSError:
                 pass  # a broken link: it takes no space
     return total
-
-
-def size_text(size: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} bytes"
 
 
 def _reason(path: Path, error: Exception) -> str:

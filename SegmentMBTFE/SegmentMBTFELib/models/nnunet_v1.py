@@ -19,15 +19,15 @@ import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..errors import ModelError
 from .folder import Configuration, Labels
+from .trained_folder import TrainedFolder
 
 CONFIGURATIONS = ("2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres")
-CHECKPOINTS = {"final": "model_final_checkpoint.model", "best": "model_best.model"}
 PLANS_FILE = "plans.pkl"
 _FOLD = re.compile(r"^(?:fold_(\d+)|(all))$")
 MAX_PICKLE_BYTES = 256 << 20   # plans and .model.pkl files are kilobytes; this bounds what a hostile one costs
@@ -175,9 +175,12 @@ def _plans_file(path: Path) -> Optional[Path]:
 
 # -- the folder ------------------------------------------------------------------------------------------------
 
-class V1ModelFolder:
-    """A v1 trained folder with the interface of folder.ModelFolder (what model.Model reads)."""
+class V1ModelFolder(TrainedFolder):
+    """A v1 trained folder, read into what every TrainedFolder offers (what model.Model reads)."""
     nnunet_version = 1
+    CHECKPOINTS = {"final": "model_final_checkpoint.model", "best": "model_best.model"}
+    CHECKPOINT_SUFFIX = ".model"
+    PLANS = "The v1 plans"
 
     def __init__(self, path, configuration: Optional[str] = None):
         path = Path(path)
@@ -215,30 +218,9 @@ class V1ModelFolder:
         return [self.dataset["channel_names"][k] for k in sorted(self.dataset["channel_names"], key=int)]
 
     @property
-    def transpose_forward(self) -> List[int]:
-        return _permutation(self.plans.get("transpose_forward", [0, 1, 2]), "transpose_forward")
-
-    @property
-    def transpose_backward(self) -> List[int]:
-        return _permutation(self.plans.get("transpose_backward", [0, 1, 2]), "transpose_backward")
-
-    @property
     def intensity_properties(self) -> dict:
         properties = (self.plans.get("dataset_properties") or {}).get("intensityproperties") or {}
         return properties if isinstance(properties, dict) else {}
-
-    def available_folds(self, checkpoint: str = "final") -> List[str]:
-        filename = checkpoint_filename(checkpoint)
-        folds = [_fold_id(d.name) for d in _fold_dirs(self.path) if (d / filename).is_file()]
-        numbered = sorted((f for f in folds if f != "all"), key=int)
-        return numbered or [f for f in folds if f == "all"]
-
-    def fold_folders(self) -> List[str]:
-        return sorted(_fold_id(d.name) for d in _fold_dirs(self.path))
-
-    def checkpoint_path(self, fold, checkpoint: str = "final") -> Path:
-        folder = "all" if str(fold) == "all" else f"fold_{fold}"
-        return self.path / folder / checkpoint_filename(checkpoint)
 
     def postprocessing(self) -> Optional[dict]:
         """v1's postprocessing.json (written by its determine_postprocessing), checked now."""
@@ -246,6 +228,12 @@ class V1ModelFolder:
         if not path.is_file():
             return None
         return read_postprocessing(path)
+
+    def _fold_folders(self) -> Dict[str, Path]:
+        return {_fold_id(d.name): d for d in _fold_dirs(self.path)}
+
+    def _fold_folder_name(self, fold: str) -> str:
+        return "all" if fold == "all" else f"fold_{fold}"
 
     # -- reading the plans ---------------------------------------------------------------------------------
     def _model_info(self) -> dict:
@@ -386,15 +374,6 @@ def generic_unet_architecture(plans: dict, patch, pools, kernels) -> dict:
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
 
-def checkpoint_filename(checkpoint: str) -> str:
-    if checkpoint in CHECKPOINTS:
-        return CHECKPOINTS[checkpoint]
-    if checkpoint.endswith(".model") and "/" not in checkpoint:
-        return checkpoint
-    raise ModelError(f"Unknown checkpoint '{checkpoint}' for an nnU-Net v1 model: use final, best or a file name "
-                     "ending in .model.")
-
-
 def read_postprocessing(path: Path) -> dict:
     """{"for_which_classes": [1, (1, 2), ...], "min_valid_object_sizes": {class: mm3} or None} from v1's json."""
     try:
@@ -443,13 +422,3 @@ def _per_channel(value, channels: int, key: str, kind) -> list:
                                                               by_channel.values()):
         raise ModelError(f"The v1 plans' '{key}' must give one {kind.__name__} per channel.")
     return [kind(by_channel[c]) for c in range(channels)]
-
-
-def _permutation(value, key: str) -> List[int]:
-    try:
-        axes = [int(v) for v in value]
-    except (TypeError, ValueError):
-        axes = []
-    if sorted(axes) != [0, 1, 2]:
-        raise ModelError(f"The v1 plans' '{key}' must be an order of the axes 0, 1, 2.")
-    return axes

@@ -5,9 +5,10 @@ in place of its details, so a broken download or a moved folder shows up here ra
 """
 from typing import List
 
+from ..free_memory import size_text
 from ..nnunet_trainers import primus_of, primus_title
 from .folder import NAMED_NETWORKS
-from .home import InstalledModel, size_text
+from .home import InstalledModel
 
 # The options each network family keeps in its plans (networks/families.py, networks/mbtfe.py), shown by `models info`.
 FAMILY_OPTIONS = {

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import ModelError
-from .folder import CHECKPOINTS, find_trained_folder
+from .folder import ModelFolder, find_trained_folder, fold_folders_in
+from .trained_folder import folds_holding
 
 VERSION_FILE = "version.json"
 ORIGINAL = "original"     # the version id of the model itself
-CHECKPOINT = CHECKPOINTS["final"]
-FOLD = re.compile(r"^fold_(\d+|all)$")
+CHECKPOINT = ModelFolder.CHECKPOINTS["final"]
 VERSION_ID = re.compile(r"^v(\d+)$")
 LOCK_STALE_S = 300
 HOLDER_FILE = ".holder.json"   # in a version being written: which program writes it
@@ -62,9 +62,8 @@ def read_version_file(root: Path) -> dict:
 
 def checkpoint_files(trained: Path) -> List[Path]:
     """fold_*/checkpoint_final.pth in the order Model loads all folds (numbered folds, else fold_all)."""
-    folds = [m.group(1) for d in trained.iterdir() if (m := FOLD.match(d.name)) and (d / CHECKPOINT).is_file()]
-    numbered = sorted((f for f in folds if f != "all"), key=int)
-    return [trained / f"fold_{f}" / CHECKPOINT for f in (numbered or [f for f in folds if f == "all"])]
+    folders = fold_folders_in(trained)
+    return [folders[fold] / CHECKPOINT for fold in folds_holding(folders, CHECKPOINT)]
 
 
 def family_sha256(trained: Path, home: Path) -> str:

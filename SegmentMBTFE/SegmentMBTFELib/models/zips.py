@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Dict, List
 
 from ..errors import ModelError
+from ..free_memory import size_text
 
 MAX_MEMBERS = 20_000
 MAX_UNPACKED_BYTES = 32 * 10 ** 9   # five folds of three large configurations fit many times over
@@ -67,8 +68,8 @@ def read_plan(source) -> ZipPlan:
         members[path] = entry
     total = sum(e.file_size for e in entries)
     if total > MAX_UNPACKED_BYTES:
-        raise ModelError(f"Refusing {source.name}: it would unpack to {_gb(total)}, more than the "
-                         f"{_gb(MAX_UNPACKED_BYTES)} a model zip may hold.")
+        raise ModelError(f"Refusing {source.name}: it would unpack to {size_text(total)}, more than the "
+                         f"{size_text(MAX_UNPACKED_BYTES)} a model zip may hold.")
     files = [p for p, e in members.items() if not e.is_dir()]
     root, trained = _model_root(source, files)
     if _is_v1(files):
@@ -215,7 +216,3 @@ def _copy_member(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, target: Path,
     except OSError as error:
         raise ModelError(f"Could not unpack {zip_name}: writing {target.name} failed "
                          f"({error.strerror or error}).") from None
-
-
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.1f} GB"

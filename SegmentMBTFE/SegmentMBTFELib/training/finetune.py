@@ -1,6 +1,6 @@
 """Fine-tune a loaded model on a few corrected cases, the way nnU-Net trains, in minutes on a CPU.
 
-    result = finetune(model, [Case("case 1", [image], corrected_labels)], settings=FinetuneSettings())
+    result = finetune(model, [CorrectedCase("case 1", [image], corrected_labels)], settings=FinetuneSettings())
     ModelVersions(model_folder).add(model, result)      # versions.py: a new version; the original is never touched
 
 What nnU-Net's trainer does, in small: the inference preprocessing (so the network sees what it will see
@@ -43,20 +43,11 @@ from ..models.folder import NAMED_NETWORKS
 from ..nnunet_trainers import primus_title
 from ..progress import Progress
 from ..tensors import to_tensor
-from ..volume import Volume
+from ..volume import CorrectedCase
 from .network_parts import encoder_of, optimizer_for, set_deep_supervision
 from .patches import PatchSampler, TrainingData
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Case:
-    """One corrected case: the image(s), one per model channel, and the corrected label map in their grid.
-    Label values are the model's (its output label map's values; 0 is background)."""
-    name: str
-    images: List[Volume]
-    labels: Volume
 
 
 DEFAULT_BUDGET_S = {"cpu": 300.0, "gpu": 120.0}  # the whole fine-tune, when neither budget nor iterations is given
@@ -106,8 +97,8 @@ class FinetuneResult:
                 "network": self.network, "engine": f"SegmentMBTFE {__version__}"}
 
 
-def finetune(model: Model, cases: Sequence[Case], validation: Sequence[Case] = (), settings: FinetuneSettings = None,
-             progress=None, cancel=None, started: float = None) -> FinetuneResult:
+def finetune(model: Model, cases: Sequence[CorrectedCase], validation: Sequence[CorrectedCase] = (),
+             settings: FinetuneSettings = None, progress=None, cancel=None, started: float = None) -> FinetuneResult:
     """Fine-tune every fold of `model` on `cases`; the model itself (files and loaded weights) is unchanged.
     `started` (time.perf_counter()) is when the user's command began: the time budget counts from there.
     Raises InputError for unusable cases, Cancelled when `cancel` is set (nothing is returned or written).
@@ -179,7 +170,7 @@ def budget_seconds(settings: FinetuneSettings, device) -> Optional[float]:
 
 # -- checks ------------------------------------------------------------------------------------------------
 
-def _check_settings(model: Model, cases: Sequence[Case], settings: FinetuneSettings):
+def _check_settings(model: Model, cases: Sequence[CorrectedCase], settings: FinetuneSettings):
     if model.configuration.previous_stage:
         raise InputError(f"Fine-tuning the second stage of a cascade ({model.configuration.name}) is not supported; "
                          f"fine-tune its {model.configuration.previous_stage} model or a 3d_fullres model.")
@@ -195,7 +186,7 @@ def _check_settings(model: Model, cases: Sequence[Case], settings: FinetuneSetti
         raise InputError(f"The time budget must be positive; got {settings.time_budget_s} s.")
 
 
-def _check_case(model: Model, case: Case):
+def _check_case(model: Model, case: CorrectedCase):
     """The images as prediction wants them, and a label map on their grid holding only the model's labels."""
     try:
         images = model._check_inputs(case.images)
@@ -222,7 +213,7 @@ def _check_case(model: Model, case: Case):
 
 # -- training data -------------------------------------------------------------------------------------------
 
-def _training_data(model: Model, case: Case) -> TrainingData:
+def _training_data(model: Model, case: CorrectedCase) -> TrainingData:
     """The case preprocessed exactly as for prediction; its labels transposed, cropped and resampled alike."""
     images = case.images if isinstance(case.images, (list, tuple)) else [case.images]
     pre = preprocess([_as_3d(v.array) for v in images], _spacing_zyx(images[0]), model.configuration,
@@ -444,7 +435,7 @@ def _mean_dice(per_case: List[Dict[str, float]]) -> Dict[str, float]:
     return mean
 
 
-def _describe(case: Case) -> dict:
+def _describe(case: CorrectedCase) -> dict:
     images = case.images if isinstance(case.images, (list, tuple)) else [case.images]
     labels = np.asarray(case.labels.array)
     values, counts = np.unique(labels, return_counts=True)

@@ -2,7 +2,7 @@
 import shutil
 
 from SegmentMBTFESlicer import catalog, panel
-from SegmentMBTFESlicer.terminology import terminology_for
+from SegmentMBTFELib.io.terminology import terminology_for
 
 
 def test_terminology_for_known_and_unknown_names():

@@ -128,7 +128,7 @@ def test_slicer_finds_every_entry_in_our_loaded_context(slicer_app, name, model_
     """Slicer's own terminology logic parses each entry and finds its category, type and modifier in the
     context it names, once our file is loaded (Segment Editor shows nothing for an entry it cannot find)."""
     import slicer
-    from SegmentMBTFESlicer.terminology import terminology_for
+    from SegmentMBTFELib.io.terminology import terminology_for
     logic = terminologies_logic_with_our_file()
     entry = slicer.vtkSlicerTerminologyEntry()
     assert logic.DeserializeTerminologyEntry(terminology_for(name, model_context), entry)
@@ -166,7 +166,7 @@ def test_segments_keep_the_names_and_colours_we_give_them(scene, tmp_path):
     """Segments are written with name and colour marked as not auto-generated, so Slicer never replaces
     them from the terminology entry; the flags survive Slicer's own .seg.nrrd writer and reader."""
     from SegmentMBTFESlicer import segmentation
-    from SegmentMBTFESlicer.terminology import terminology_for
+    from SegmentMBTFELib.io.terminology import terminology_for
     from SegmentMBTFESlicer.volumes import geometry_of
     volume = add_volume()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "output")
