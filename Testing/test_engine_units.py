@@ -25,7 +25,7 @@ from SegmentMBTFELib.inference.preprocessing import bounding_box, normalize
 from SegmentMBTFELib.inference.resampling import compute_new_shape, nearest_indices, resample, separate_z_axis
 from SegmentMBTFELib.inference.sliding_window import gaussian_weights, pad_to_patch, tile_starts
 from SegmentMBTFELib.models.checkpoint import load_checkpoint
-from SegmentMBTFELib.models.folder import Configuration, Labels, resolve_configuration
+from SegmentMBTFELib.models.folder import Configuration, Labels, ModelFolder, resolve_configuration
 from SegmentMBTFELib.networks import build_network
 from SegmentMBTFELib.progress import Progress
 from SegmentMBTFELib.volume import Volume
@@ -594,6 +594,21 @@ def test_choose_device():
         choose_device("cuda")
     with pytest.raises(InputError, match="CUDA"):
         choose_device("cuda:1")
+
+
+# ------------------------------------------------------------------------------------ model folders
+
+def test_a_checkpoint_is_named_never_given_as_a_path(tmp_path):
+    """--checkpoint names a file inside each fold folder (models/trained_folder.py, shared with v1's folders)."""
+    folder = ModelFolder(model_factory.make_model_folder(tmp_path, folds=(0, 1)))
+    (folder.path / "fold_all").mkdir()
+    assert folder.fold_folders() == ["0", "1", "all"] and folder.available_folds() == ["0", "1"]
+    assert folder.checkpoint_path(1, "best") == folder.path / "fold_1" / "checkpoint_best.pth"
+    assert folder.checkpoint_filename("checkpoint_latest.pth") == "checkpoint_latest.pth"
+    for name in ("../../elsewhere.pth", str(tmp_path / "x.pth"), "fold_0\\x.pth", "model_final_checkpoint.model"):
+        with pytest.raises(ModelError, match=r"Unknown checkpoint .*: use final, best or a file name ending in "
+                                             r"\.pth\.$"):
+            folder.checkpoint_filename(name)
 
 
 # ------------------------------------------------------------------------------------ the model factory itself

@@ -14,7 +14,7 @@ CHECK = "scripts/check_test_setup.py"
 
 def check_in_a_clone(clone: Path, extra_requirement: str = "") -> subprocess.CompletedProcess:
     """The setup check run from a copy of the files it reads, in `clone`: ../shared/data is clone's neighbour."""
-    for name in (CHECK, "Testing/nnunet_reference.py", "Testing/requirements.txt"):
+    for name in (CHECK, "Testing/nnunet_reference.py", "Testing/build_lock.py", "Testing/requirements.txt"):
         (clone / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, clone / name)
     with open(clone / "Testing" / "requirements.txt", "a") as requirements:

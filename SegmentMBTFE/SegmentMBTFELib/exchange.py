@@ -90,14 +90,16 @@ def read_array(folder, file_name: str) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def write_volume(folder, name: str, volume: Volume) -> dict:
-    """A Volume as an array file plus its geometry (ITK/LPS, as Volume states it)."""
+def volume_message(folder, name: str, volume: Volume) -> dict:
+    """A Volume for a message: its array written to an .npy file in the job folder, its geometry (ITK/LPS, as
+    Volume states it) beside the file's name."""
     return {"file": write_array(folder, name, volume.array), "spacing": list(volume.spacing),
             "origin": list(volume.origin), "direction": list(volume.direction), "name": volume.name,
             "metadata": dict(volume.metadata)}
 
 
-def read_volume(folder, description: dict) -> Volume:
+def volume_from_message(folder, description: dict) -> Volume:
+    """The Volume a message describes (volume_message's other end)."""
     return Volume(read_array(folder, description["file"]), description["spacing"], description["origin"],
                   description["direction"], name=str(description.get("name", "")),
                   metadata={str(k): str(v) for k, v in (description.get("metadata") or {}).items()})

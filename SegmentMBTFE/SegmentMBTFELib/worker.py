@@ -217,7 +217,7 @@ def _segment(worker: Worker, request: dict, progress, cancel) -> dict:
     """One case from volume files: the label map comes back as a file, segments and provenance as JSON."""
     from .tasks import open_model, predict
     folder, options = request["folder"], request.get("options") or {}
-    volumes = [exchange.read_volume(folder, v) for v in request["inputs"]]
+    volumes = [exchange.volume_from_message(folder, v) for v in request["inputs"]]
     progress(0.0, "loading the model")
     model, version = open_model(request["model"], options.get("version"), options.get("configuration"),
                                 options.get("folds"), options.get("checkpoint", "final"), cache=worker.models)
@@ -265,8 +265,8 @@ def _finetune(worker: Worker, request: dict, progress, cancel) -> dict:
     folder, started = request["folder"], time.perf_counter()
     known = {f.name for f in fields(FinetuneSettings)}
     settings = FinetuneSettings(**{k: v for k, v in (request.get("settings") or {}).items() if k in known})
-    cases = [CorrectedCase(str(case["name"]), [exchange.read_volume(folder, v) for v in case["images"]],
-                           exchange.read_volume(folder, case["labels"])) for case in request["cases"]]
+    cases = [CorrectedCase(str(case["name"]), [exchange.volume_from_message(folder, v) for v in case["images"]],
+                           exchange.volume_from_message(folder, case["labels"])) for case in request["cases"]]
     progress(0.0, "loading the model")
     model, parent = open_model(request["model"], cache=worker.models)
     version, result = finetune_version(model, request["model"], cases, (), settings, progress, cancel,

@@ -175,7 +175,7 @@ class FinetuneSection:
                 text = matching.summary()
                 self._matchProblem = " ".join(matching.problems)
             except Exception as error:  # noqa: BLE001 - an unreadable model is shown, not raised
-                text = self._matchProblem = panel.one_line(error)
+                text = self._matchProblem = panel.error_text(error)
         self.ui.finetuneMatchLabel.setText(text)
         self.updateButtons()
 
@@ -214,7 +214,7 @@ class FinetuneSection:
         except jobs.Busy as refusal:  # another segmentation or fine-tune runs (panel or console)
             self.ui.finetuneStatusLabel.setText(str(refusal))
         except Exception as error:  # noqa: BLE001 - every failure ends in a message box, never silently
-            self.ui.finetuneStatusLabel.setText(f"Failed: {panel.one_line(error)}")
+            self.ui.finetuneStatusLabel.setText(f"Failed: {panel.error_text(error)}")
             panel.show_error(error, traceback.format_exc(), title="Fine-tuning failed")
 
     def _begin(self, model, onProgress, onFinished):
@@ -251,7 +251,7 @@ class FinetuneSection:
             ui.finetuneStatusLabel.setText("Cancelled: no version was written.")
         elif outcome.error is not None:
             panel.show_fraction(ui.finetuneProgressBar, 0.0)
-            ui.finetuneStatusLabel.setText(f"Failed: {panel.one_line(outcome.error)}")
+            ui.finetuneStatusLabel.setText(f"Failed: {panel.error_text(outcome.error)}")
             panel.show_error(outcome.error, outcome.details, title="Fine-tuning failed")
         else:
             run = outcome.result
@@ -277,7 +277,7 @@ class FinetuneSection:
             versions = self.modelVersions()
             self._versions = versions.list() if versions is not None else []
         except Exception as error:  # noqa: BLE001 - e.g. an unreadable version list: say so in the list
-            ui.versionsList.addItem(panel.one_line(error))
+            ui.versionsList.addItem(panel.error_text(error))
         for row, version in enumerate(self._versions):
             item = qt.QListWidgetItem(version_text(version))
             item.setToolTip(str(version.path))

@@ -60,10 +60,11 @@ class InstallFailed(Exception):
     """A step's process ended with an error; str() says which step and pip's last words."""
 
 
-class InstallJob:
+class InstallJob(jobs.Cancellable):
     """The steps, one process after the other; on_progress(-1, text) for each line of output and
     on_finished(jobs.Outcome) exactly once. `folder` (the constraints file) is removed at the end."""
     kind = "install"
+    GRACE_MS = KILL_GRACE_MS
 
     def __init__(self, steps: List[Step], folder: Optional[str] = None,
                  on_progress: Callable[[float, str], None] = None,
@@ -86,23 +87,6 @@ class InstallJob:
         self._started = time.perf_counter()
         self._next()
         return self
-
-    def cancel(self) -> None:
-        """End the running step and what it started; a process that ignores it is killed after KILL_GRACE_MS."""
-        if self.finished or self.cancelling:
-            return
-        self._cancel_time = time.perf_counter()
-        if self.process is not None:
-            self.process.closeWriteChannel()
-            qt.QTimer.singleShot(KILL_GRACE_MS, self._kill)
-
-    @property
-    def cancelling(self) -> bool:
-        return self._cancel_time is not None
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome is not None
 
     def wait(self, cancel=None, timeout: float = None) -> jobs.Outcome:
         """Block until the install ends (console calls), keeping Slicer painting; `cancel` (a threading.Event)
@@ -174,7 +158,15 @@ class InstallJob:
         # later, not inside start(): whoever started the install has the job in hand before it ends
         qt.QTimer.singleShot(0, lambda: self._finish(jobs.Outcome(error=failure)))
 
-    def _kill(self) -> None:
+    def _askToStop(self) -> bool:
+        """Cancel ends the running step and what it started (CHILD ends itself when its input closes); a process
+        that ignores it is killed after KILL_GRACE_MS."""
+        if self.process is None:
+            return False
+        self.process.closeWriteChannel()
+        return True
+
+    def _endUnanswered(self) -> None:
         if self.process is not None and not self.finished:
             log.warning("SegmentMBTFE: the install did not stop within %d ms of Cancel; killing it", KILL_GRACE_MS)
             self.process.kill()

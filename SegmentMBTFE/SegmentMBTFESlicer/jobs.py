@@ -91,7 +91,37 @@ def error_from(message: dict) -> BaseException:
 
 # ------------------------------------------------------------------------------------------------- the job
 
-class Job:
+class Cancellable:
+    """What the panel's long jobs share (Job here, installer.InstallJob): an outcome once finished, and a Cancel
+    that asks the work to stop (_askToStop) and, GRACE_MS later, ends what has not stopped (_endUnanswered)."""
+    GRACE_MS = CANCEL_GRACE_MS
+    outcome = None
+    _cancel_time = None
+
+    def cancel(self) -> None:
+        if self.finished or self.cancelling:
+            return
+        self._cancel_time = time.perf_counter()
+        if self._askToStop():
+            qt.QTimer.singleShot(self.GRACE_MS, self._endUnanswered)
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel_time is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+    def _askToStop(self) -> bool:
+        """Ask the work to stop; False when nothing runs that could ignore it."""
+        raise NotImplementedError
+
+    def _endUnanswered(self) -> None:
+        raise NotImplementedError
+
+
+class Job(Cancellable):
     def __init__(self, kind: str, request: dict, folder: Optional[str] = None,
                  settle: Callable[[dict, str], Any] = None, on_progress: Callable[[float, str], None] = None,
                  on_finished: Callable[[Outcome], None] = None, worker: worker_process.WorkerProcess = None,
@@ -121,22 +151,6 @@ class Job:
             self._cleanup()
             raise
         return self
-
-    def cancel(self) -> None:
-        """Ask the worker to stop; kill it if it has not stopped within CANCEL_GRACE_MS."""
-        if self.finished or self.cancelling:
-            return
-        self._cancel_time = time.perf_counter()
-        self.worker.cancel(self.id)
-        qt.QTimer.singleShot(CANCEL_GRACE_MS, self._endUnanswered)
-
-    @property
-    def cancelling(self) -> bool:
-        return self._cancel_time is not None
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome is not None
 
     def poll(self) -> bool:
         """Handle what the worker sent so far; True while the job runs (its events also arrive by themselves)."""
@@ -201,6 +215,10 @@ class Job:
             return Outcome(cancelled=True)
         except Exception as error:  # noqa: BLE001 - reported through the outcome like any other failure
             return Outcome(error=error, details=traceback.format_exc())
+
+    def _askToStop(self) -> bool:
+        self.worker.cancel(self.id)
+        return True
 
     def _endUnanswered(self) -> None:
         """CANCEL_GRACE_MS after Cancel: a worker still busy with this job is killed (it ends as cancelled)."""

@@ -35,7 +35,7 @@ def start_segmentation(volume_nodes, model_path: str, options: runner.Options, o
         inputs = runner.prepare_inputs(volume_nodes)
         folder = tempfile.mkdtemp(prefix="SegmentMBTFE-")
         request = exchange.request("segment", folder=folder, model=model_path, options=options.request(), inputs=[
-            exchange.write_volume(folder, f"input_{i}", v) for i, v in enumerate(inputs.volumes)])
+            exchange.volume_message(folder, f"input_{i}", v) for i, v in enumerate(inputs.volumes)])
     except BaseException:
         _abandon(folder)
         raise
@@ -103,8 +103,8 @@ def start_finetune(plan: runner.FinetunePlan, settings: dict, make_current: bool
     folder = None
     try:
         folder = tempfile.mkdtemp(prefix="SegmentMBTFE-")
-        cases = [{"name": case.name, "labels": exchange.write_volume(folder, f"labels_{i}", case.labels),
-                  "images": [exchange.write_volume(folder, f"image_{i}_{c}", v) for c, v in enumerate(case.images)]}
+        cases = [{"name": case.name, "labels": exchange.volume_message(folder, f"labels_{i}", case.labels),
+                  "images": [exchange.volume_message(folder, f"image_{i}_{c}", v) for c, v in enumerate(case.images)]}
                  for i, case in enumerate(plan.cases)]
         request = exchange.request("finetune", folder=folder, model=plan.model_path, cases=cases,
                                    settings=settings)

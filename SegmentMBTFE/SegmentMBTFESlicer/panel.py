@@ -84,7 +84,7 @@ def guess_volume(channel: str, names: Sequence[str], index: int) -> Optional[int
     return 0 if index == 0 and names else None
 
 
-def one_line(error: BaseException) -> str:
+def error_text(error: BaseException) -> str:
     """The user's message for an error: the engine's errors and DependencyError say it themselves; anything
     else is a bug, shown by its type and first line (the traceback is in the log)."""
     from SegmentMBTFELib.errors import SegmentError
@@ -100,6 +100,6 @@ def one_line(error: BaseException) -> str:
 def show_error(error: BaseException, details: str = "", title: str = "Segmentation failed") -> None:
     """A message box with one line saying what went wrong; the details go to the log."""
     import slicer
-    message = one_line(error)
+    message = error_text(error)
     log.error(f"SegmentMBTFE: {message}\n{details}" if details else f"SegmentMBTFE: {message}")
     slicer.util.errorDisplay(message, windowTitle=title, detailedText=details)

@@ -256,7 +256,7 @@ class SegmentSection:
         except jobs.Busy as refusal:  # another segmentation or fine-tune runs (panel or console)
             self.ui.statusLabel.setText(str(refusal))
         except Exception as error:  # noqa: BLE001 - every failure ends in a message, never silently
-            self.ui.statusLabel.setText(_("Failed: {reason}").format(reason=panel.one_line(error)))
+            self.ui.statusLabel.setText(_("Failed: {reason}").format(reason=panel.error_text(error)))
             panel.show_error(error, traceback.format_exc())
 
     def _begin(self, model, onProgress, onFinished):
@@ -293,7 +293,7 @@ class SegmentSection:
             self.ui.statusLabel.setText(_("Cancelled: nothing was changed."))
         elif outcome.error is not None:
             panel.show_fraction(self.ui.progressBar, 0.0)
-            self.ui.statusLabel.setText(_("Failed: {reason}").format(reason=panel.one_line(outcome.error)))
+            self.ui.statusLabel.setText(_("Failed: {reason}").format(reason=panel.error_text(outcome.error)))
             panel.show_error(outcome.error, outcome.details)
         else:
             node = outcome.result
