@@ -1,8 +1,8 @@
 """Builds the reference models the suite uses, ahead of the tests that need them.
 
-scripts/test.sh starts this beside pytest, into the same $SEGMENTMBTFE_REFERENCE_CACHE: the session uses about
-one of the machine's two cores, and the builds (nnU-Net planning, preprocessing and training, v1's too: minutes
-in all) take the other. The order is the order the suite first needs them. Nothing here decides what a test
+scripts/test.sh starts this beside pytest (at the lowest priority), into the same $SEGMENTMBTFE_REFERENCE_CACHE:
+the session uses about one of the machine's two cores, and the builds (nnU-Net planning, preprocessing and
+training, v1's too: minutes in all) take the other. The order is the order the suite first needs them. Nothing here decides what a test
 sees: each test still asks for its model through the same builders (conftest.py), which return a finished build,
 wait for one in progress (build_lock.py) or build it themselves when this has not reached it yet. A failed build
 here is only logged: the test that needs the model builds it again and fails with nnU-Net's own message.
