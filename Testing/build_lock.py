@@ -4,15 +4,36 @@ scripts/test.sh builds the reference models ahead (Testing/build_references.py),
 leaves idle, into the folder the session reads ($SEGMENTMBTFE_REFERENCE_CACHE). A test that needs a model being
 built waits for that build instead of starting its own beside it: the kinds of one dataset share its raw, planned
 and preprocessed data, and nnU-Net writes a dataset's splits on its first training. A model already built is
-returned without waiting (each builder checks its record before taking the lock, and again after).
+returned without waiting (`build_once` checks its record before taking the lock, and again after).
 """
 import fcntl
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Optional
 
-_depth = {}   # lock file -> how deep this process is inside it: a derived kind builds its base within its own build
+# lock file -> how deep this process is inside it: a build that asks for another build inside it (none does today:
+# derived kinds build their base first) goes on instead of waiting for itself
+_depth = {}
+
+
+def build_once(root, record: Path, request: dict, build: Callable[[], Optional[dict]],
+               exists: Callable[[], bool]) -> None:
+    """Run `build` unless `record` says it ran for `request` and `exists()`: one build at a time per root, across
+    processes, and none again when another process made it while this one waited. The record keeps the request,
+    the build's seconds and what `build` returns (a build id...)."""
+    def built() -> bool:
+        return exists() and record.is_file() and json.loads(record.read_text()).get("request") == request
+    if built():
+        return
+    with one_build_at_a_time(root):
+        if built():
+            return
+        started = time.perf_counter()
+        made = build() or {}
+        write_record(record, {"request": request, "seconds": time.perf_counter() - started, **made})
 
 
 @contextmanager

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from build_lock import one_build_at_a_time, write_record
+from build_lock import build_once
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TRAINER = "nnUNetTrainer"
@@ -268,25 +268,16 @@ def make_model_folder(root: Union[str, Path], *, kind: str, folds: Optional[Sequ
         make_model_folder(root, kind=spec.previous_stage, seed=seed, data_dir=data_dir, timeout=timeout)
         request["previous_build"] = _read_record(root, spec.previous_stage)["build_id"]  # retrain on its output
     model_dir = spec.model_dir(root)
-    if _is_built(root, kind, request, model_dir):
-        return model_dir
-    with one_build_at_a_time(root):
-        if _is_built(root, kind, request, model_dir):  # built by another process while this one waited
-            return model_dir
-        started = time.perf_counter()
+
+    def build() -> dict:
         shutil.rmtree(model_dir, ignore_errors=True)
         if spec.derived_from:
             _make_derived(root, spec, base_dir, request, timeout)
         else:
             _train(root, spec, folds, request, timeout)
-        write_record(_record_file(root, kind), {"request": request, "seconds": time.perf_counter() - started,
-                                                "build_id": uuid.uuid4().hex})
+        return {"build_id": uuid.uuid4().hex}
+    build_once(root, _record_file(root, kind), request, build, model_dir.is_dir)
     return model_dir
-
-
-def _is_built(root: Path, kind: str, request: dict, model_dir: Path) -> bool:
-    record = _record_file(root, kind)
-    return record.is_file() and json.loads(record.read_text())["request"] == request and model_dir.is_dir()
 
 
 def build_seconds(root: Union[str, Path], kind: str) -> float:

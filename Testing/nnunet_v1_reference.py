@@ -37,11 +37,10 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from build_lock import one_build_at_a_time, write_record
+from build_lock import build_once
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TASK = "Task901_Hippocampus"
@@ -93,20 +92,12 @@ def make_v1_model_folder(root: Union[str, Path], *, kind: str, train_iterations:
     data_dir = str(Path(data_dir or DEFAULT_DATA_DIR).resolve())
     request = {"kind": kind, "train_iterations": train_iterations, "seed": seed, "data_dir": data_dir,
                "version": _version()}
-    record = root / "records_v1" / f"{kind}.json"
     folder = model_dir(root, kind)
 
-    def built() -> bool:
-        return record.is_file() and json.loads(record.read_text())["request"] == request and folder.is_dir()
-    if built():
-        return folder
-    with one_build_at_a_time(root):
-        if built():  # by another process while this one waited
-            return folder
-        started = time.perf_counter()
+    def build() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         _run_worker("make", request, root, root / "logs_v1" / kind, timeout)
-        write_record(record, {"request": request, "seconds": time.perf_counter() - started})
+    build_once(root, root / "records_v1" / f"{kind}.json", request, build, folder.is_dir)
     return folder
 
 

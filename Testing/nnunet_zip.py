@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import nnunet_reference as ref
-from build_lock import one_build_at_a_time, write_record
+from build_lock import build_once
 
 
 def export_zip(root, model_dir, timeout: float = 600) -> Path:
@@ -32,14 +32,8 @@ def export_zip(root, model_dir, timeout: float = 600) -> Path:
     root, model_dir = Path(root).resolve(), Path(model_dir).resolve()
     folds = sorted(p.name[len("fold_"):] for p in model_dir.glob("fold_*") if p.is_dir())
     target = root / "zips" / f"{model_dir.parent.name}__{model_dir.name}.zip"
-    record = target.with_suffix(".json")
-    key = _key(model_dir)
-    if target.is_file() and record.is_file() and json.loads(record.read_text()) == key:
-        return target
-    with one_build_at_a_time(root):
-        if not (target.is_file() and record.is_file() and json.loads(record.read_text()) == key):
-            _export(root, model_dir, target, folds, timeout)
-            write_record(record, key)
+    build_once(root, target.with_suffix(".json"), _key(model_dir),
+               lambda: _export(root, model_dir, target, folds, timeout), target.is_file)
     return target
 
 

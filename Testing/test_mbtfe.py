@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from build_lock import one_build_at_a_time, write_record
+from build_lock import build_once
 import model_factory
 import nnunet_reference as ref
 from SegmentMBTFELib import ModelError, load_model
@@ -394,21 +394,14 @@ def mbtfe_model(registered_trainer, hippo3d_model) -> Path:
     model_dir = hippo3d_model.parent / f"{TRAINER}__nnUNetPlans__3d_fullres"
     request = {"trainer": TRAINER, "dataset": hippo3d_model.parent.name, "seed": 0, "train_iterations": 2,
                "source": _source_hash(), "plans": hashlib.sha256(plans_file.read_bytes()).hexdigest()[:16]}
-    record = root / "records" / f"{TRAINER}.json"
-
-    def built() -> bool:
-        return record.is_file() and json.loads(record.read_text()) == request and (model_dir / "fold_0").is_dir()
-    if built():
-        return model_dir
-    with one_build_at_a_time(root):  # the other reference builds share this root's hippocampus data
-        if not built():
-            shutil.rmtree(model_dir, ignore_errors=True)
-            _train_mbtfe(root, request)
-            write_record(record, request)
+    # one build at a time with the other reference builds, which share this root's hippocampus data
+    build_once(root, root / "records" / f"{TRAINER}.json", request, lambda: _train_mbtfe(root, model_dir, request),
+               (model_dir / "fold_0").is_dir)
     return model_dir
 
 
-def _train_mbtfe(root: Path, request: dict) -> None:
+def _train_mbtfe(root: Path, model_dir: Path, request: dict) -> None:
+    shutil.rmtree(model_dir, ignore_errors=True)
     log_dir = root / "logs" / TRAINER
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "train_request.json").write_text(json.dumps(request))
